@@ -1,0 +1,1 @@
+"""The kopf operator: reconciles ConsensusFit resources into Jobs and exports metrics. Never imports JAX."""
