@@ -1,0 +1,13 @@
+"""The two kinds of failure the runner reports, mapped to the exit codes of docs/contract.md."""
+
+
+class BadInput(Exception):
+    """The input can never succeed as given (spec, data, model): exit 3, do not retry."""
+
+    exit_code = 3
+
+
+class TransientError(Exception):
+    """A failure that a retry may fix (storage unreachable after our own retries): exit 1."""
+
+    exit_code = 1

@@ -1,0 +1,176 @@
+"""The `ConsensusFit` spec as the runner sees it: parsed, defaulted and checked.
+
+The same defaults are declared in the CRD's OpenAPI schema (`manifests/crd.yaml`); a test keeps the
+two in step. Local mode has no API server to apply them, so the runner applies them itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .errors import BadInput
+
+COMBINE_METHODS = ("consensus", "gaussian", "swiss")
+GROUP_PARAMETER_MODES = ("resample", "keep")
+FAMILIES = ("gaussian", "bernoulli", "poisson", "negativebinomial")
+
+DEFAULTS: dict[str, Any] = {
+    "shards": 1,
+    "model": {"family": "gaussian", "priors": {}},
+    "sampler": {
+        "warmup": 1000,
+        "samples": 1000,
+        "chains": 4,
+        "seed": 0,
+        "targetAcceptProb": 0.8,
+        "maxTreeDepth": 10,
+    },
+    "combine": {"method": "consensus", "groupParameters": "resample"},
+}
+
+# The parts of the spec that change the answer: a shard fitted under another fingerprint is not
+# part of this fit. Output location, pod settings and suspension do not change the answer.
+FINGERPRINT_FIELDS = ("data", "shards", "model", "sampler")
+
+
+def _merge(defaults: dict, given: dict) -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """A checked spec. `raw` is the defaulted dict; the attributes are the parts the runner uses."""
+
+    raw: dict
+    name: str
+    namespace: str
+
+    @property
+    def shards(self) -> int:
+        return int(self.raw["shards"])
+
+    @property
+    def data(self) -> dict:
+        return self.raw["data"]
+
+    @property
+    def model(self) -> dict:
+        return self.raw["model"]
+
+    @property
+    def sampler(self) -> dict:
+        return self.raw["sampler"]
+
+    @property
+    def combine(self) -> dict:
+        return self.raw["combine"]
+
+    @property
+    def output_uri(self) -> str | None:
+        return self.raw.get("output", {}).get("uri")
+
+    @property
+    def group_column(self) -> str | None:
+        return self.data.get("groupColumn")
+
+    @property
+    def global_sites(self) -> list[str] | None:
+        """Sites the user declared global; None means: find them automatically."""
+        return self.model.get("globalSites")
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes the answer (see FINGERPRINT_FIELDS)."""
+        relevant = {key: self.raw.get(key) for key in FINGERPRINT_FIELDS}
+        canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _require_int(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadInput(f"spec.{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check(spec: dict) -> None:
+    """Refuse what the CRD schema would refuse, with one line naming the field."""
+    data = spec.get("data")
+    if not isinstance(data, dict) or not data.get("uri"):
+        raise BadInput("spec.data.uri is required")
+    _require_int(spec["shards"], "shards", 1)
+    model = spec["model"]
+    has_formula, has_python = bool(model.get("formula")), bool(model.get("python"))
+    if has_formula == has_python:
+        raise BadInput("spec.model needs exactly one of formula or python")
+    if has_python:
+        python = model["python"]
+        if not isinstance(python, dict) or not python.get("uri") or not python.get("function"):
+            raise BadInput("spec.model.python needs uri and function")
+    if model["family"] not in FAMILIES:
+        raise BadInput(f"spec.model.family {model['family']!r} is not one of {', '.join(FAMILIES)}")
+    global_sites = model.get("globalSites")
+    if global_sites is not None and (
+        not isinstance(global_sites, list) or not all(isinstance(s, str) for s in global_sites)
+    ):
+        raise BadInput("spec.model.globalSites must be a list of site names")
+    sampler = spec["sampler"]
+    _require_int(sampler["warmup"], "sampler.warmup", 1)
+    _require_int(sampler["samples"], "sampler.samples", 1)
+    _require_int(sampler["chains"], "sampler.chains", 1)
+    _require_int(sampler["seed"], "sampler.seed", 0)
+    _require_int(sampler["maxTreeDepth"], "sampler.maxTreeDepth", 1)
+    accept = sampler["targetAcceptProb"]
+    if not isinstance(accept, (int, float)) or not 0 < accept < 1:
+        raise BadInput(f"spec.sampler.targetAcceptProb must be in (0, 1), got {accept!r}")
+    combine = spec["combine"]
+    if combine["method"] not in COMBINE_METHODS:
+        raise BadInput(
+            f"spec.combine.method {combine['method']!r} is not one of {', '.join(COMBINE_METHODS)}"
+        )
+    if combine["groupParameters"] not in GROUP_PARAMETER_MODES:
+        raise BadInput(
+            f"spec.combine.groupParameters {combine['groupParameters']!r} is not one of "
+            f"{', '.join(GROUP_PARAMETER_MODES)}"
+        )
+
+
+def parse(document: dict) -> FitSpec:
+    """Accept a whole `ConsensusFit` object or only its spec; apply defaults; check."""
+    if not isinstance(document, dict):
+        raise BadInput("the fit must be a mapping")
+    if "spec" in document:
+        if document.get("kind", "ConsensusFit") != "ConsensusFit":
+            raise BadInput(f"expected kind ConsensusFit, got {document.get('kind')!r}")
+        metadata = document.get("metadata") or {}
+        body = document["spec"]
+    else:
+        metadata, body = {}, document
+    if not isinstance(body, dict):
+        raise BadInput("spec must be a mapping")
+    spec = _merge(DEFAULTS, body)
+    check(spec)
+    return FitSpec(
+        raw=spec,
+        name=metadata.get("name", "fit"),
+        namespace=metadata.get("namespace", "default"),
+    )
+
+
+def loads(text: str) -> FitSpec:
+    """Parse YAML or JSON text (JSON is YAML)."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise BadInput(f"the fit is not valid YAML: {error}".splitlines()[0]) from None
+    return parse(document)
