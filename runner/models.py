@@ -68,12 +68,15 @@ class Model:
     columns: the data columns it reads (checked before sampling, with a reason naming the column).
     numeric: the subset of `columns` that must be numeric and finite.
     prepare: shard data -> keyword arguments of `fn` (NumPy arrays or Python values).
+    data_as_arguments: whether `fn` can take its arrays as traced JAX values (it computes no shape
+        from their contents), so one compiled sampler serves every shard of the same shapes.
     """
 
     fn: Callable[..., Any]
     columns: tuple[str, ...]
     numeric: tuple[str, ...]
     prepare: Callable[[ShardData], dict[str, Any]]
+    data_as_arguments: bool = False
 
 
 def _load_module(source: str, origin: str):
@@ -121,3 +124,26 @@ def python_model(
 
     numeric = tuple(name for name in columns if name != group_column)
     return Model(fn=fn, columns=columns, numeric=numeric, prepare=prepare)
+
+
+def _read_source(uri: str, base: str) -> str:
+    from .storage import NotFound, split_uri
+
+    if "://" not in uri and not Path(uri).is_absolute():
+        uri = str(Path(base) / uri)
+    store, key = split_uri(uri)
+    try:
+        return store.read_bytes(key).decode()
+    except NotFound:
+        raise BadInput(f"model file {uri} does not exist") from None
+
+
+def model_from_spec(spec, stats: dict | None, base: str = ".") -> Model:
+    """The model a `FitSpec` declares; `base` resolves a relative Python model path."""
+    python = spec.model.get("python")
+    if python:
+        source = _read_source(python["uri"], base)
+        return python_model(source, python["uri"], python["function"], spec.group_column, stats)
+    from .formula import formula_model
+
+    return formula_model(spec.model, spec.group_column, stats or {}, spec.shards)
