@@ -147,3 +147,17 @@ def model_from_spec(spec, stats: dict | None, base: str = ".") -> Model:
     from .formula import formula_model
 
     return formula_model(spec.model, spec.group_column, stats or {}, spec.shards)
+
+
+def required_columns(spec, base: str = ".") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(columns the model reads, those of them that must be numeric), known before any data.
+
+    Partitioning checks these over the whole data set, before any shard is sampled.
+    """
+    python = spec.model.get("python")
+    if python:
+        model = model_from_spec(spec, None, base)
+        return model.columns, model.numeric
+    from .formula import formula_columns
+
+    return formula_columns(spec.model)
