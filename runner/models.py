@@ -119,6 +119,11 @@ def python_model(
             elif name in shard.columns:
                 arguments[name] = shard.columns[name]
         if "stats" in parameters:
+            if stats is None:
+                raise BadInput(
+                    f"model {function!r} in {origin} takes whole-data `stats`, but none were "
+                    "given (partition the data first, or pass --stats)"
+                )
             arguments["stats"] = stats
         return arguments
 
