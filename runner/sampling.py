@@ -55,7 +55,11 @@ class Samples:
 
 
 def to_device(arguments: dict[str, Any]) -> dict[str, Any]:
-    """NumPy columns -> JAX arrays (in the default float precision); other values unchanged."""
+    """NumPy columns -> JAX arrays (in the default float precision); other values unchanged.
+
+    Only for models that take their data as traced arguments: a model that computes shapes from
+    its data (`int(g.max())`) needs NumPy arrays, which stay concrete while the sampler is traced.
+    """
     converted = {}
     for name, value in arguments.items():
         if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
@@ -79,6 +83,8 @@ def run_nuts(
 ) -> Samples:
     """Warm up and sample `settings.chains` vectorised NUTS chains of `model(**arguments)`."""
     started = time.perf_counter()
+    if data_as_arguments:
+        arguments = to_device(arguments)
     kernel = NUTS(
         model,
         target_accept_prob=settings.target_accept_prob,

@@ -20,7 +20,7 @@ from .diagnostics import summarize
 from .draws import Draws, Site, component_names, to_parquet_bytes
 from .errors import BadInput
 from .models import model_from_spec
-from .sampling import SamplerSettings, Samples, run_nuts, to_device, tree_depth
+from .sampling import SamplerSettings, Samples, run_nuts, tree_depth
 from .spec import FitSpec
 from .storage import NotFound, Store, open_store
 from .tempering import GlobalSites, resolve_global_sites, temper
@@ -122,7 +122,7 @@ def sample_shard(
     tempered = temper(model.fn, frozenset(global_sites.latent), 1.0 / spec.shards)
     loaded = time.perf_counter()
 
-    samples = run_nuts(tempered, to_device(arguments), settings, model.data_as_arguments)
+    samples = run_nuts(tempered, arguments, settings, model.data_as_arguments)
     written_started = time.perf_counter()
     metadata = {
         "fingerprint": fingerprint,

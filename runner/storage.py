@@ -156,7 +156,9 @@ def _s3_client():
     from botocore.config import Config
 
     # Our own retry loop owns the budget; botocore's would multiply it.
-    config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    config = Config(
+        retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60
+    )
     return boto3.session.Session().client("s3", config=config)
 
 
