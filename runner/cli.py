@@ -12,12 +12,15 @@ import json
 import os
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import BadInput, TransientError
+from .spec import load
 
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LIMIT = 4096
+POD_STEPS = ("partition", "sample", "combine")
 
 
 def configure_precision() -> None:
@@ -33,25 +36,6 @@ def configure_precision() -> None:
     if choice == "auto":
         choice = "float64" if jax.default_backend() == "cpu" else "float32"
     jax.config.update("jax_enable_x64", choice == "float64")
-
-
-def load_spec(argument: str):
-    """A spec from literal JSON, a local file or an object-store URI; and the folder it came from."""
-    from . import spec as specs
-    from .storage import NotFound, split_uri
-
-    if argument.lstrip().startswith("{"):
-        return specs.loads(argument), "."
-    if "://" in argument:
-        store, key = split_uri(argument)
-        try:
-            return specs.loads(store.read_bytes(key).decode()), "."
-        except NotFound:
-            raise BadInput(f"spec {argument} does not exist") from None
-    path = Path(argument)
-    if not path.is_file():
-        raise BadInput(f"spec file {argument} does not exist")
-    return specs.loads(path.read_text()), str(path.parent)
 
 
 def load_json(uri: str) -> dict:
@@ -88,7 +72,7 @@ def write_termination_message(path: str, message: dict) -> None:
 def command_sample(args) -> dict:
     from .shard import sample_shard
 
-    spec, base = load_spec(args.spec)
+    spec, base = load(args.spec)
     if args.shards is not None and spec.shards != args.shards:
         raise BadInput(f"--shards {args.shards} but the spec declares {spec.shards} shards")
     shard = args.shard if args.shard is not None else os.environ.get("JOB_COMPLETION_INDEX")
@@ -116,21 +100,71 @@ def _exists(uri: str) -> bool:
 def command_partition(args) -> dict:
     from .partition import partition_fit
 
-    spec, base = load_spec(args.spec)
+    spec, base = load(args.spec)
     return partition_fit(spec, args.out.rstrip("/"), base, args.worker, args.workers)
 
 
 def command_combine(args) -> dict:
     from .combiner import combine_fit
 
-    spec, base = load_spec(args.spec)
+    spec, base = load(args.spec)
     configure_precision()
     return combine_fit(spec, args.out.rstrip("/"), base)
 
 
+def command_run(args) -> dict:
+    from .pipeline import run_fit
+
+    spec, base = load(args.fit)
+    return finish_run(run_fit(spec, base, args.workers, args.reference))
+
+
+def finish_run(result) -> dict:
+    """Print the report, draw the posteriors, and return the termination-style summary."""
+    from .draws import from_parquet_bytes, scalar_components
+    from .plots import posterior_figure
+    from .report import fit_report
+    from .storage import open_store
+
+    store = open_store(result.root)
+    names = list(result.diagnostics[0]["parameters"])
+    shards = [
+        scalar_components(from_parquet_bytes(store.read_bytes(f"shards/{k}/draws.parquet")).constrained)
+        for k in range(len(result.diagnostics))
+    ]
+    combined = scalar_components(from_parquet_bytes(store.read_bytes("combined/draws.parquet")).constrained)
+    store.write_bytes(
+        "report/posteriors.png",
+        posterior_figure(shards, combined, names, result.reference, f"{len(shards)} shards"),
+    )
+    print(fit_report(result.summary, result.diagnostics, result.reference))
+    print(f"\nresults: {result.root}\nposteriors: {store.uri('report/posteriors.png')}")
+    return {"ok": True, "uri": result.root}
+
+
+def command_demo(args) -> dict:
+    import pyarrow.parquet as pq
+
+    from .pipeline import DEFAULT_OUTPUT, run_fit
+    from .simulate import osic_like
+
+    manifest = Path(__file__).resolve().parents[1] / "examples" / "fvc.yaml"
+    if not manifest.is_file():
+        raise BadInput(f"the demo needs a source checkout: {manifest} is missing")
+    spec, base = load(str(manifest))
+    data = Path(DEFAULT_OUTPUT) / "data" / f"osic-{args.patients}.parquet"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(osic_like(args.patients), data)
+    raw = {**spec.raw, "data": {**spec.data, "uri": str(data.resolve())}}
+    spec = replace(spec, raw=raw, name=f"{spec.name}-{args.patients}")
+    print(f"demo: {args.patients} OSIC-like patients in {data}, fitting {manifest.name} "
+          f"on {spec.shards} shards and on the full data for reference", file=sys.stderr)
+    return finish_run(run_fit(spec, base, args.workers, reference=True))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
-        prog="consensusfit-runner",
+        prog=Path(sys.argv[0]).name if sys.argv[0].startswith("consensusfit") else "consensusfit",
         description="Consensus Monte Carlo steps: partition, sample one shard, combine.",
     )
     top.add_argument(
@@ -160,6 +194,18 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--shards", type=int, help="check: the number of shards the spec must declare")
 
     step("combine", "combine the shards' draws into the full-data posterior", command_combine)
+
+    workers = dict(type=int, default=os.cpu_count() or 1, help="shards sampled at once (default: cores)")
+    run = steps.add_parser("run", help="run a whole fit locally: partition, shards, combine")
+    run.add_argument("fit", help="a ConsensusFit manifest (the file you would kubectl apply)")
+    run.add_argument("--workers", **workers)
+    run.add_argument("--reference", action="store_true", help="also run NUTS on the full data and compare")
+    run.set_defaults(handler=command_run)
+
+    demo = steps.add_parser("demo", help="simulate OSIC-like data and fit examples/fvc.yaml with a reference")
+    demo.add_argument("--patients", type=int, default=176, help="patients to simulate (default 176)")
+    demo.add_argument("--workers", **workers)
+    demo.set_defaults(handler=command_demo)
     return top
 
 
@@ -176,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return _fail(args, "Error", f"{type(error).__name__}: {error}", 1)
     write_termination_message(args.termination_log, message)
-    print(json.dumps(message))
+    if args.step in POD_STEPS:
+        print(json.dumps(message, ensure_ascii=False))
     return 0
 
 

@@ -124,3 +124,13 @@ def to_parquet_bytes(draws: Draws) -> bytes:
 
 def from_parquet_bytes(data: bytes) -> Draws:
     return from_table(pq.read_table(io.BytesIO(data)))
+
+
+def scalar_components(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{site: (chains, draws, *shape)} -> {component name: (chains, draws)}, names as in columns."""
+    result = {}
+    for name, values in arrays.items():
+        flat = values.reshape(values.shape[:2] + (-1,))
+        for i, component in enumerate(component_names(name, values.shape[2:])):
+            result[component] = flat[:, :, i]
+    return result

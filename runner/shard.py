@@ -17,7 +17,7 @@ import numpy as np
 
 from .data import read_table, shard_data
 from .diagnostics import summarize
-from .draws import Draws, Site, component_names, to_parquet_bytes
+from .draws import Draws, Site, scalar_components, to_parquet_bytes
 from .errors import BadInput
 from .models import model_from_spec
 from .sampling import SamplerSettings, Samples, run_nuts, tree_depth
@@ -77,13 +77,8 @@ def shard_draws(
 
 def parameter_diagnostics(samples: Samples, names: list[str]) -> dict[str, dict]:
     """Summary and convergence diagnostics of every scalar component of the named sites."""
-    result = {}
-    for name in names:
-        values = samples.constrained[name]
-        flat = values.reshape(values.shape[:2] + (-1,))
-        for i, component in enumerate(component_names(name, values.shape[2:])):
-            result[component] = summarize(flat[:, :, i])
-    return result
+    components = scalar_components({name: samples.constrained[name] for name in names})
+    return {component: summarize(values) for component, values in components.items()}
 
 
 def termination_summary(diagnostics: dict) -> dict:

@@ -174,3 +174,24 @@ def loads(text: str) -> FitSpec:
     except yaml.YAMLError as error:
         raise BadInput(f"the fit is not valid YAML: {error}".splitlines()[0]) from None
     return parse(document)
+
+
+def load(argument: str) -> tuple[FitSpec, str]:
+    """A spec from literal JSON, a local file or an object-store URI, and the folder it came from
+    (against which relative paths in the spec are resolved)."""
+    from pathlib import Path
+
+    from .storage import NotFound, split_uri
+
+    if argument.lstrip().startswith("{"):
+        return loads(argument), "."
+    if "://" in argument:
+        store, key = split_uri(argument)
+        try:
+            return loads(store.read_bytes(key).decode()), "."
+        except NotFound:
+            raise BadInput(f"spec {argument} does not exist") from None
+    path = Path(argument)
+    if not path.is_file():
+        raise BadInput(f"spec file {argument} does not exist")
+    return loads(path.read_text()), str(path.parent)

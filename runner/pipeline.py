@@ -1,0 +1,170 @@
+"""`consensusfit run FIT.yaml`: partition, every shard, combine, on this machine.
+
+The same steps the operator runs as Jobs, here as local processes over a local folder (or S3):
+partition in-process, shards as parallel `consensusfit-runner sample` processes (one per shard, up
+to `workers` at once, exactly the pods' command), then combine in-process.
+
+Results land in `<output>/<namespace>/<name>/local-<fingerprint>/`: the same spec always maps to
+the same folder, so a re-run after a crash or Ctrl-C reuses every step that completed, and a
+changed spec gets a new folder instead of overwriting the old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import BadInput, TransientError
+from .spec import FitSpec, parse
+
+DEFAULT_OUTPUT = "./consensusfit-runs"
+
+
+def _absolute(uri: str, base: str) -> str:
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((Path(base) / uri).resolve())
+
+
+def resolve_local_paths(spec: FitSpec, base: str) -> FitSpec:
+    """Make the spec's relative local paths (data, Python model) absolute, relative to `base`."""
+    raw = json.loads(json.dumps(spec.raw))
+    raw["data"]["uri"] = _absolute(raw["data"]["uri"], base)
+    if raw["model"].get("python"):
+        raw["model"]["python"]["uri"] = _absolute(raw["model"]["python"]["uri"], base)
+    return dataclasses.replace(spec, raw=raw)
+
+
+def fit_root(spec: FitSpec) -> str:
+    output = spec.output_uri or DEFAULT_OUTPUT
+    if "://" not in output:
+        output = str(Path(output).resolve())
+    return f"{output.rstrip('/')}/{spec.namespace}/{spec.name}/local-{spec.fingerprint()}"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@dataclass
+class Progress:
+    """Status lines on stderr: phase, shards done, elapsed and remaining time."""
+
+    total: int
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    write: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+
+    def elapsed(self) -> str:
+        return format_duration(time.monotonic() - self.started)
+
+    def phase(self, name: str) -> None:
+        self.write(f"[{self.elapsed()}] {name}")
+
+    def shards(self, done: int, running: int, phase_started: float) -> None:
+        line = f"[{self.elapsed()}] sampling: {done}/{self.total} shards done, {running} running"
+        if done:
+            per_shard = (time.monotonic() - phase_started) / done
+            line += f", about {format_duration(per_shard * (self.total - done))} left"
+        self.write(line)
+
+
+def shard_command(spec: FitSpec, root: str, shard: int) -> list[str]:
+    """The command a shard pod runs, as a local process."""
+    manifest = {"metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec.raw}
+    return [
+        sys.executable, "-m", "consensusfit.runner.cli", "--termination-log", os.devnull,
+        "sample", "--spec", json.dumps(manifest), "--out", root, "--shard", str(shard),
+    ]
+
+
+def _stop(processes) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress) -> None:
+    """Run every shard as a process, at most `workers` at once; stop all on the first failure.
+
+    Ctrl-C (or any failure) terminates the running shards; shards that completed keep their
+    `_SUCCESS.json`, so the next run starts where this one stopped.
+    """
+    pending = list(range(spec.shards))
+    running: dict[int, subprocess.Popen] = {}
+    done = 0
+    phase_started = time.monotonic()
+    progress.shards(done, 0, phase_started)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                shard = pending.pop(0)
+                running[shard] = subprocess.Popen(
+                    shard_command(spec, root, shard),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                )
+            time.sleep(0.1)
+            for shard, process in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[shard]
+                error = process.stderr.read().strip()
+                if process.returncode != 0:
+                    reason = error.splitlines()[-1] if error else "no output"
+                    failure = BadInput if process.returncode == 3 else TransientError
+                    raise failure(f"shard {shard} failed (exit {process.returncode}): {reason}")
+                done += 1
+                progress.shards(done, len(running), phase_started)
+    finally:
+        _stop(running.values())
+
+
+@dataclass(frozen=True)
+class FitResult:
+    root: str
+    summary: dict  # combined/summary.json
+    diagnostics: list[dict]  # shards/<k>/diagnostics.json, in shard order
+    reference: dict | None  # parameter -> summary of the full-data fit
+
+
+def run_fit(spec: FitSpec, base: str, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
+    """Partition, sample every shard, combine, and optionally fit the full data for reference."""
+    from .cli import configure_precision
+    from .combiner import combine_fit
+    from .partition import partition_fit
+    from .storage import open_store
+
+    spec = resolve_local_paths(spec, base)
+    root = fit_root(spec)
+    progress = progress or Progress(spec.shards)
+    progress.phase(f"results in {root}")
+    progress.phase("partitioning")
+    partition_fit(spec, root, ".")
+    run_shards(spec, root, workers, progress)
+    progress.phase("combining")
+    configure_precision()
+    combine_fit(spec, root, ".")
+    store = open_store(root)
+    diagnostics = [
+        json.loads(store.read_bytes(f"shards/{k}/diagnostics.json")) for k in range(spec.shards)
+    ]
+    summary = json.loads(store.read_bytes("combined/summary.json"))
+    full = None
+    if reference:
+        from .reference import reference_fit
+
+        progress.phase("reference: NUTS on the full data")
+        full = reference_fit(spec, root)
+    progress.phase("done")
+    return FitResult(root, summary, diagnostics, full)
