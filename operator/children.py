@@ -1,0 +1,177 @@
+"""The Jobs of a fit: names, commands and pod templates, built from the fit alone (pure).
+
+Names are deterministic (`<fit>-partition`, `<fit>-shards`, `<fit>-combine`) so that creating a Job
+twice, after a restart or from a stale view, is a harmless conflict and never a duplicate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from . import labels
+
+GROUP, VERSION, KIND = "consensusfit.dev", "v1alpha1", "ConsensusFit"
+STEPS = ("partition", "sample", "combine")
+_SUFFIX = {"partition": "partition", "sample": "shards", "combine": "combine"}
+# The runner's exit codes that no retry can fix (docs/contract.md): usage error, bad input.
+NO_RETRY_EXIT_CODES = [2, 3]
+# The parts of the spec the runner reads; pod settings and suspension are not its business.
+_RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output")
+# The one writable folder of a runner pod (an emptyDir): its root filesystem is read-only, and the
+# runner image points HOME, TMPDIR and XDG_CACHE_HOME here.
+_SCRATCH = "/tmp"
+
+
+def job_name(fit_name: str, step: str) -> str:
+    return f"{fit_name}-{_SUFFIX[step]}"
+
+
+def result_root(fit: Mapping[str, Any]) -> str:
+    """`<spec.output.uri>/<namespace>/<name>/<uid>/`: one fit's results, never shared."""
+    metadata = fit["metadata"]
+    base = fit["spec"]["output"]["uri"].rstrip("/")
+    return f"{base}/{metadata['namespace']}/{metadata['name']}/{metadata['uid']}/"
+
+
+def runner_spec_json(fit: Mapping[str, Any]) -> str:
+    """The literal JSON the runner gets as `--spec`: the fit's identity and the answer-changing spec."""
+    metadata, spec = fit["metadata"], fit["spec"]
+    document = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]},
+        "spec": {key: spec[key] for key in _RUNNER_SPEC_FIELDS if key in spec},
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, recursively for mappings (lists and scalars are replaced)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def owner_reference(fit: Mapping[str, Any]) -> dict[str, Any]:
+    """Makes the fit the Jobs' controller: deleting the fit deletes its Jobs (and their pods)."""
+    metadata = fit["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
+    command = ["consensusfit-runner", step, "--spec", runner_spec_json(fit), "--out", result_root(fit)]
+    container = {
+        "name": "runner",
+        "image": runner.get("image") or image,
+        "command": command,
+        "env": runner.get("env", []),
+        "resources": runner.get("resources", {}),
+        "volumeMounts": [{"name": "scratch", "mountPath": _SCRATCH}],
+        # The runner writes its JSON report here; if it dies first, the log tail stands in.
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if runner.get("envFrom"):
+        container["envFrom"] = runner["envFrom"]
+    return container
+
+
+def _pod_spec(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
+    pod = {
+        # podFailurePolicy requires Never: every retry is a new pod the Job controller counts.
+        "restartPolicy": "Never",
+        "containers": [_container(fit, step, runner, image)],
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    for key in ("nodeSelector", "tolerations", "priorityClassName", "serviceAccountName"):
+        if runner.get(key):
+            pod[key] = runner[key]
+    return pod
+
+
+def _failure_policy(action: str) -> dict:
+    """Bad input fails at once; a disrupted pod (preemption, eviction) is retried for free."""
+    return {
+        "rules": [
+            {
+                "action": action,
+                "onExitCodes": {
+                    "containerName": "runner",
+                    "operator": "In",
+                    "values": NO_RETRY_EXIT_CODES,
+                },
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
+def job_manifest(
+    fit: Mapping[str, Any],
+    step: str,
+    runner_defaults: Mapping[str, Any],
+    default_image: str,
+) -> dict[str, Any]:
+    """The Job for one step of a fit. `runner_defaults` (operator-wide) fill what spec.runner omits."""
+    metadata, spec = fit["metadata"], fit["spec"]
+    runner = deep_merge(runner_defaults, spec.get("runner", {}))
+    own = labels.own(metadata["name"], step)
+    job_labels = {
+        **labels.inheritable(metadata.get("labels")),
+        **labels.inheritable(runner.get("labels")),
+        **own,
+    }
+    retries = spec["maxRetriesPerShard"]
+    if step == "sample":
+        shards = spec["shards"]
+        job_spec = {
+            "completionMode": "Indexed",
+            "completions": shards,
+            "parallelism": shards,  # one pod per shard; a queue (e.g. Kueue) may admit fewer
+            "backoffLimitPerIndex": retries,
+            # A fit needs every shard: one shard failed for good ends the Job and its other pods.
+            "maxFailedIndexes": 0,
+            "podFailurePolicy": _failure_policy("FailIndex"),
+        }
+    else:
+        job_spec = {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": retries,
+            "podFailurePolicy": _failure_policy("FailJob"),
+        }
+    job_spec["template"] = {
+        "metadata": {"labels": own},
+        "spec": _pod_spec(fit, step, runner, default_image),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(metadata["name"], step),
+            "namespace": metadata["namespace"],
+            "labels": job_labels,
+            "ownerReferences": [owner_reference(fit)],
+        },
+        "spec": job_spec,
+    }

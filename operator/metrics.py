@@ -1,0 +1,145 @@
+"""Prometheus metrics of the operator. Labels are bounded: namespace, fit, phase, never a shard.
+
+Two kinds of series:
+- histograms observed when something happens (a phase ends, a shard finishes, a pod starts),
+  fed by what the planner reports as new in a pass;
+- per-fit values (phase, retries, failed shards, convergence) exported from the latest observed
+  state, so they are right after an operator restart instead of starting again from zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .observe import JobView, PodView, parse_time
+from .planner import Plan, TERMINAL_PHASES
+
+_LONG = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+_SHORT = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+@dataclass(frozen=True)
+class FitSnapshot:
+    phase: str
+    retries: int  # shard pods beyond the first of each shard
+    failed_shards: int
+    diagnostics: Mapping[str, Any]
+
+
+class _FitCollector(Collector):
+    """Renders the per-fit snapshots at scrape time."""
+
+    def __init__(self, fits: dict[tuple[str, str], FitSnapshot]):
+        self._fits = fits
+
+    def collect(self) -> Iterator:
+        fits = dict(self._fits)  # a scrape runs in another thread than the reconcilers
+        by_phase = GaugeMetricFamily("consensusfit_fits", "Fits by phase.", labels=["namespace", "phase"])
+        counts: dict[tuple[str, str], int] = {}
+        for (namespace, _), snapshot in fits.items():
+            counts[namespace, snapshot.phase] = counts.get((namespace, snapshot.phase), 0) + 1
+        for labels, count in sorted(counts.items()):
+            by_phase.add_metric(list(labels), count)
+        yield by_phase
+        retries = CounterMetricFamily(
+            "consensusfit_shard_retries", "Shard pods started again after a failure or disruption.",
+            labels=["namespace", "fit"],
+        )
+        failures = CounterMetricFamily(
+            "consensusfit_shard_failures", "Shards failed for good.", labels=["namespace", "fit"]
+        )
+        gauges = {
+            "rhatMax": GaugeMetricFamily(
+                "consensusfit_fit_rhat_max", "Largest split R-hat over the fit's shards.",
+                labels=["namespace", "fit"]),
+            "essBulkMin": GaugeMetricFamily(
+                "consensusfit_fit_ess_bulk_min", "Smallest bulk ESS over the fit's shards.",
+                labels=["namespace", "fit"]),
+            "divergences": GaugeMetricFamily(
+                "consensusfit_fit_divergences", "Divergent transitions summed over the fit's shards.",
+                labels=["namespace", "fit"]),
+        }
+        for (namespace, name), snapshot in sorted(fits.items()):
+            retries.add_metric([namespace, name], snapshot.retries)
+            failures.add_metric([namespace, name], snapshot.failed_shards)
+            for key, family in gauges.items():
+                if key in snapshot.diagnostics:
+                    family.add_metric([namespace, name], snapshot.diagnostics[key])
+        yield retries
+        yield failures
+        yield from gauges.values()
+
+
+class Metrics:
+    """The operator's metrics in their own registry (served at /metrics by the entry point)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._fits: dict[tuple[str, str], FitSnapshot] = {}
+        self.fit_duration = Histogram(
+            "consensusfit_fit_duration_seconds", "From start to Succeeded or Failed.",
+            ["namespace", "outcome"], buckets=_LONG, registry=self.registry)
+        self.phase_duration = Histogram(
+            "consensusfit_phase_duration_seconds", "Time spent in each phase.",
+            ["namespace", "phase"], buckets=_LONG, registry=self.registry)
+        self.shard_duration = Histogram(
+            "consensusfit_shard_duration_seconds", "Wall time of a successful shard pod's sampling.",
+            ["namespace", "fit"], buckets=_SHORT, registry=self.registry)
+        self.queue_wait = Histogram(
+            "consensusfit_queue_wait_seconds",
+            "From a Job's creation to its pod running (a retried pod: from its own creation).",
+            ["namespace", "fit"], buckets=_SHORT, registry=self.registry)
+        self.registry.register(_FitCollector(self._fits))
+
+    def record(
+        self, namespace: str, name: str, plan: Plan, jobs: Mapping[str, JobView], pods: Sequence[PodView]
+    ) -> None:
+        """Account one reconcile pass of a fit."""
+        state = plan.state
+        for phase, seconds in plan.exited:
+            self.phase_duration.labels(namespace, phase).observe(seconds)
+        start, end = parse_time(state.get("startTime")), parse_time(state.get("completionTime"))
+        if plan.exited and state["phase"] in TERMINAL_PHASES and start and end:
+            self.fit_duration.labels(namespace, state["phase"]).observe((end - start).total_seconds())
+        for pod in plan.finished:
+            if pod.step == "sample" and pod.phase == "Succeeded" and pod.started and pod.finished:
+                seconds = (pod.report or {}).get("seconds", (pod.finished - pod.started).total_seconds())
+                self.shard_duration.labels(namespace, name).observe(seconds)
+        first = _first_attempts(pods)
+        for pod in plan.started:
+            job = jobs.get(pod.step)
+            since = job.created if pod.uid in first and job else pod.created
+            if since is not None:
+                self.queue_wait.labels(namespace, name).observe(max(0.0, (pod.started - since).total_seconds()))
+        shard_pods = [p for p in pods if p.step == "sample"]
+        self._fits[namespace, name] = FitSnapshot(
+            phase=state["phase"],
+            retries=len(shard_pods) - len({p.index for p in shard_pods}),
+            failed_shards=state.get("shards", {}).get("failed", 0),
+            diagnostics=state.get("diagnostics", {}),
+        )
+
+    def forget(self, namespace: str, name: str) -> None:
+        """A deleted fit leaves no series behind: cardinality follows the fits that exist."""
+        self._fits.pop((namespace, name), None)
+        for histogram in (self.shard_duration, self.queue_wait):
+            try:
+                histogram.remove(namespace, name)
+            except KeyError:
+                pass
+
+
+def _first_attempts(pods: Sequence[PodView]) -> set[str]:
+    """The uid of the earliest pod of every (step, shard): the ones that waited since the Job began."""
+    earliest: dict[tuple[str, int | None], PodView] = {}
+    for pod in pods:
+        key = (pod.step, pod.index)
+        if pod.created and (key not in earliest or pod.created < earliest[key].created):
+            earliest[key] = pod
+    return {pod.uid for pod in earliest.values()}

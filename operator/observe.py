@@ -1,0 +1,137 @@
+"""What the operator keeps of the Jobs and pods it watches: small, immutable summaries.
+
+Kubernetes objects are large; the operator keeps thousands of shard pods in memory, so each is
+reduced at once to the few fields the planner decides on. Everything here is pure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import labels
+
+RUNNER_CONTAINER = "runner"
+# Set by the Job controller on the pods of an Indexed Job.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 timestamp as Kubernetes writes it ("...Z"), or None."""
+    return datetime.fromisoformat(value) if value else None
+
+
+def count_indexes(ranges: str | None) -> int:
+    """How many indexes a Job's interval string names ("1,3-5" is four)."""
+    total = 0
+    for part in filter(None, (ranges or "").split(",")):
+        first, _, last = part.partition("-")
+        total += int(last or first) - int(first) + 1
+    return total
+
+
+def parse_report(message: str | None) -> dict | None:
+    """The runner's termination message (docs/contract.md) as a dict.
+
+    A message that is not the runner's JSON (a crash before it wrote one, so Kubernetes fell back
+    to the log tail) becomes a failure report carrying the text.
+    """
+    if not message:
+        return None
+    try:
+        report = json.loads(message)
+    except ValueError:
+        report = None
+    if isinstance(report, dict) and "ok" in report:
+        return report
+    return {"ok": False, "reason": "Error", "message": message.strip().splitlines()[-1][:400]}
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A child Job: which step, whether it is suspended, how far it got."""
+
+    name: str
+    step: str
+    created: datetime | None
+    suspended: bool
+    suspended_by_fit: bool  # suspended by this operator (not by Kueue): ours to resume
+    outcome: str | None  # "Complete", "Failed" or None while it runs
+    reason: str  # of the Failed condition
+    message: str
+    active: int
+    succeeded: int
+    failed_indexes: int
+
+
+def job_view(job: Mapping[str, Any]) -> JobView:
+    metadata, spec, status = job["metadata"], job.get("spec") or {}, job.get("status") or {}
+    outcome, reason, message = None, "", ""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
+            outcome = condition["type"]
+            reason, message = condition.get("reason", ""), condition.get("message", "")
+    annotations = metadata.get("annotations") or {}
+    return JobView(
+        name=metadata["name"],
+        step=(metadata.get("labels") or {}).get(labels.STEP, ""),
+        created=parse_time(metadata.get("creationTimestamp")),
+        suspended=bool(spec.get("suspend")),
+        suspended_by_fit=annotations.get(labels.SUSPENDED_BY_FIT) == "true",
+        outcome=outcome,
+        reason=reason,
+        message=message,
+        active=status.get("active") or 0,
+        succeeded=status.get("succeeded") or 0,
+        failed_indexes=count_indexes(status.get("failedIndexes")),
+    )
+
+
+@dataclass(frozen=True)
+class PodView:
+    """A runner pod: its step and shard, whether it started and how it ended."""
+
+    uid: str
+    name: str
+    step: str
+    index: int | None  # the shard, for pods of the Indexed shard Job
+    phase: str
+    created: datetime | None
+    started: datetime | None
+    finished: datetime | None
+    exit_code: int | None
+    disrupted: bool  # preempted, evicted, node gone: retried without counting as a failure
+    report: dict | None  # the parsed termination message
+
+    @property
+    def done(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView:
+    metadata, status = pod["metadata"], pod.get("status") or {}
+    state: Mapping[str, Any] = {}
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") == RUNNER_CONTAINER:
+            state = container.get("state") or {}
+    running, terminated = state.get("running") or {}, state.get("terminated") or {}
+    index = (metadata.get("annotations") or {}).get(COMPLETION_INDEX)
+    return PodView(
+        uid=metadata.get("uid") or metadata["name"],
+        name=metadata["name"],
+        step=(metadata.get("labels") or {}).get(labels.STEP, ""),
+        index=int(index) if index is not None else None,
+        phase=status.get("phase", "Pending"),
+        created=parse_time(metadata.get("creationTimestamp")),
+        started=parse_time(running.get("startedAt") or terminated.get("startedAt")),
+        finished=parse_time(terminated.get("finishedAt")),
+        exit_code=terminated.get("exitCode"),
+        disrupted=any(
+            c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        ),
+        report=parse_report(terminated.get("message")),
+    )
