@@ -35,8 +35,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # The parts of the spec that change the answer: a shard fitted under another fingerprint is not
-# part of this fit. Output location, pod settings and suspension do not change the answer.
-FINGERPRINT_FIELDS = ("data", "shards", "model", "sampler")
+# part of this fit. Output location, pod settings and suspension do not change the answer. As in
+# the CRD (where these fields are immutable), a changed combine method is a new fit.
+FINGERPRINT_FIELDS = ("data", "shards", "model", "sampler", "combine")
 
 
 def _merge(defaults: dict, given: dict) -> dict:
