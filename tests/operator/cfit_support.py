@@ -1,0 +1,105 @@
+"""Shared helpers of the operator tests: the CRD, API-server-like defaulting, fits, Jobs and pods."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from consensusfit.operator.observe import JobView, PodView
+
+CRD_PATH = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def crd() -> dict:
+    return yaml.safe_load(CRD_PATH.read_text())
+
+
+def spec_schema() -> dict:
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def apply_defaults(value: Any, schema: dict) -> Any:
+    """What the API server does with a structural schema's defaults (also inside defaults)."""
+    if not isinstance(value, dict) or "properties" not in schema:
+        return value
+    result = dict(value)
+    for key, sub in schema["properties"].items():
+        if key not in result and "default" in sub:
+            result[key] = copy.deepcopy(sub["default"])
+        if key in result:
+            result[key] = apply_defaults(result[key], sub)
+    return result
+
+
+def make_fit(name: str = "fvc", namespace: str = "default", status: dict | None = None, **spec: Any) -> dict:
+    """A ConsensusFit as the API server would return it: defaulted, with uid and generation."""
+    given = {
+        "data": {"uri": "s3://bucket/osic/", "groupColumn": "Patient"},
+        "shards": 3,
+        "model": {"formula": "FVC ~ 1 + Weeks + (1 + Weeks || Patient)"},
+        "output": {"uri": "s3://bucket/fits/"},
+        **spec,
+    }
+    fit = {
+        "apiVersion": "consensusfit.dev/v1alpha1",
+        "kind": "ConsensusFit",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "creationTimestamp": T0.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "labels": {"team": "lungs", "app.kubernetes.io/instance": "argo-app",
+                       "argocd.argoproj.io/instance": "x"},
+        },
+        "spec": apply_defaults(given, spec_schema()),
+    }
+    if status is not None:
+        fit["status"] = status
+    return fit
+
+
+def job(step: str, outcome: str | None = None, *, active: int = 0, succeeded: int = 0,
+        failed_indexes: int = 0, suspended: bool = False, by_fit: bool = False,
+        reason: str = "", fit: str = "fvc") -> JobView:
+    suffix = {"partition": "partition", "sample": "shards", "combine": "combine"}[step]
+    return JobView(
+        name=f"{fit}-{suffix}", step=step, created=T0 + timedelta(seconds=1), suspended=suspended,
+        suspended_by_fit=by_fit, outcome=outcome, reason=reason, message="", active=active,
+        succeeded=succeeded, failed_indexes=failed_indexes,
+    )
+
+
+def pod(step: str, index: int | None = None, phase: str = "Succeeded", *, report: dict | None = None,
+        exit_code: int | None = None, attempt: int = 0, disrupted: bool = False,
+        seconds: float = 10.0) -> PodView:
+    done = phase in ("Succeeded", "Failed")
+    started = T0 + timedelta(seconds=5 + 100 * attempt)
+    return PodView(
+        uid=f"{step}-{index}-{attempt}", name=f"fvc-{step}-{index}-{attempt}", step=step, index=index,
+        phase=phase, created=T0 + timedelta(seconds=2 + 100 * attempt), started=started if phase != "Pending" else None,
+        finished=started + timedelta(seconds=seconds) if done else None,
+        exit_code=exit_code if exit_code is not None else (0 if phase == "Succeeded" else 1 if done else None),
+        disrupted=disrupted, report=report,
+    )
+
+
+def shard_report(shard: int, rhat: float = 1.001, ess: float = 900.0, divergences: int = 0,
+                 seconds: float = 30.0) -> dict:
+    return {"ok": True, "shard": shard, "rhatMax": rhat, "essBulkMin": ess,
+            "divergences": divergences, "seconds": seconds}
+
+
+COMBINE_REPORT = {"ok": True, "uri": "s3://bucket/fits/default/fvc/uid-fvc/combined/",
+                  "parameters": {"Intercept": {"mean": 2775.0, "sd": 10.0, "q05": 2758.0,
+                                               "q50": 2775.0, "q95": 2791.0}}}
+
+
+def message(report: dict) -> str:
+    return json.dumps(report)

@@ -1,0 +1,103 @@
+"""Job manifests, labels and the reading of Jobs and pods, against the runner contract."""
+
+from __future__ import annotations
+
+import json
+
+from cfit_support import make_fit, shard_report
+
+from consensusfit.operator import children, labels
+from consensusfit.operator.observe import count_indexes, job_view, pod_view
+from consensusfit.runner.spec import parse
+
+
+def _manifest(step: str, defaults: dict | None = None, **spec) -> dict:
+    return children.job_manifest(make_fit(**spec), step, defaults or {}, "runner:default")
+
+
+def test_the_runner_gets_the_contract_command_and_accepts_the_spec():
+    container = _manifest("sample")["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[:3] == ["consensusfit-runner", "sample", "--spec"]
+    assert command[4:] == ["--out", "s3://bucket/fits/default/fvc/uid-fvc/"]
+    fit = parse(json.loads(command[3]))  # the runner's own parser takes it as it is
+    assert (fit.name, fit.namespace, fit.shards) == ("fvc", "default", 3)
+    assert "runner" not in fit.raw and "suspend" not in fit.raw
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["image"] == "runner:default"
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+
+
+def test_pods_run_restricted_with_a_writable_scratch_folder():
+    pod = _manifest("combine")["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}]
+
+
+def test_runner_settings_reach_the_pod_and_operator_defaults_fill_gaps():
+    runner = {
+        "image": "mine:1", "nodeSelector": {"gpu": "a100"}, "priorityClassName": "batch",
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "serviceAccountName": "runner", "envFrom": [{"secretRef": {"name": "s3"}}],
+        "labels": {"kueue.x-k8s.io/queue-name": "gpus", "argocd.argoproj.io/instance": "no"},
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+    }
+    defaults = {"env": [{"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"}],
+                "resources": {"limits": {"memory": "16Gi"}}}
+    manifest = _manifest("partition", defaults, runner=runner)
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "a100"} and pod["priorityClassName"] == "batch"
+    assert pod["serviceAccountName"] == "runner" and pod["tolerations"] == runner["tolerations"]
+    container = pod["containers"][0]
+    assert container["image"] == "mine:1"
+    assert container["envFrom"] == [{"secretRef": {"name": "s3"}}]
+    assert container["env"] == defaults["env"]
+    assert container["resources"] == {"limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
+    job_labels = manifest["metadata"]["labels"]
+    assert job_labels["kueue.x-k8s.io/queue-name"] == "gpus" and job_labels["team"] == "lungs"
+    assert job_labels[labels.FIT] == "fvc" and job_labels[labels.STEP] == "partition"
+
+
+def test_gitops_tracking_labels_are_never_copied():
+    manifest = _manifest("sample", runner={"labels": {"kustomize.toolkit.fluxcd.io/name": "x",
+                                                      "helm.toolkit.fluxcd.io/name": "y"}})
+    everywhere = {**manifest["metadata"]["labels"], **manifest["spec"]["template"]["metadata"]["labels"]}
+    assert not [key for key in everywhere if labels.is_tracking(key)]
+    assert labels.is_tracking("app.kubernetes.io/instance") and not labels.is_tracking("app.kubernetes.io/name")
+
+
+def test_partition_and_combine_jobs_fail_at_once_on_bad_input():
+    for step in ("partition", "combine"):
+        spec = _manifest(step, maxRetriesPerShard=5)["spec"]
+        assert spec["backoffLimit"] == 5 and spec["completions"] == 1
+        assert spec["podFailurePolicy"]["rules"][0]["action"] == "FailJob"
+    assert children.job_name("fvc", "sample") == "fvc-shards"
+
+
+def test_job_and_pod_views_read_what_kubernetes_writes():
+    job = {"metadata": {"name": "fvc-shards", "labels": {labels.STEP: "sample"},
+                        "creationTimestamp": "2026-01-01T00:00:00Z",
+                        "annotations": {labels.SUSPENDED_BY_FIT: "true"}},
+           "spec": {"suspend": True},
+           "status": {"active": 2, "succeeded": 5, "failedIndexes": "1,3-4",
+                      "conditions": [{"type": "Failed", "status": "True", "reason": "FailedIndexes",
+                                      "message": "indexes failed"}]}}
+    view = job_view(job)
+    assert (view.step, view.outcome, view.reason, view.failed_indexes) == ("sample", "Failed", "FailedIndexes", 3)
+    assert view.suspended and view.suspended_by_fit and (view.active, view.succeeded) == (2, 5)
+    pod = {"metadata": {"name": "p", "uid": "u", "labels": {labels.STEP: "sample"},
+                        "annotations": {"batch.kubernetes.io/job-completion-index": "7"},
+                        "creationTimestamp": "2026-01-01T00:00:01Z"},
+           "status": {"phase": "Succeeded",
+                      "conditions": [{"type": "DisruptionTarget", "status": "False"}],
+                      "containerStatuses": [{"name": "runner", "state": {"terminated": {
+                          "exitCode": 0, "startedAt": "2026-01-01T00:00:05Z",
+                          "finishedAt": "2026-01-01T00:01:05Z", "message": json.dumps(shard_report(7))}}}]}}
+    view = pod_view(pod)
+    assert (view.index, view.exit_code, view.disrupted, view.done) == (7, 0, False, True)
+    assert view.report["shard"] == 7 and (view.finished - view.started).total_seconds() == 60
+    assert count_indexes("") == 0 and count_indexes("0-9,20") == 11

@@ -1,0 +1,66 @@
+"""The CRD: its defaults equal the runner's, its rules and columns are there, its schema is structural."""
+
+from __future__ import annotations
+
+from cfit_support import apply_defaults, crd, spec_schema
+
+from consensusfit.runner.spec import DEFAULTS, parse
+
+MINIMAL = {"data": {"uri": "s3://b/d/"}, "model": {"formula": "y ~ 1"}, "output": {"uri": "s3://b/f/"}}
+
+
+def test_crd_defaults_equal_the_runner_defaults():
+    defaulted = apply_defaults(MINIMAL, spec_schema())
+    runner_view = parse(MINIMAL).raw
+    # Same values, and no default on either side that the other lacks (dict equality per field).
+    assert {key: defaulted[key] for key in runner_view} == runner_view
+    assert set(DEFAULTS) <= set(runner_view)
+
+
+def test_optional_operator_fields_have_defaults():
+    defaulted = apply_defaults(MINIMAL, spec_schema())
+    assert defaulted["suspend"] is False
+    assert defaulted["maxRetriesPerShard"] == 3
+    assert defaulted["runner"] == {"resources": {"limits": {"nvidia.com/gpu": 1}}, "shardsPerPod": 1}
+    assert "ttlSecondsAfterFinished" not in defaulted  # absent: keep the fit, as a Job does
+
+
+def test_names_scope_and_subresources():
+    doc = crd()
+    assert doc["metadata"]["name"] == "consensusfits.consensusfit.dev"
+    assert doc["spec"]["scope"] == "Namespaced"
+    assert doc["spec"]["names"]["shortNames"] == ["cfit"]
+    (version,) = doc["spec"]["versions"]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {"Phase": ".status.phase", "Done": ".status.shards.succeeded",
+                       "Shards": ".status.shards.total", "R-hat max": ".status.diagnostics.rhatMax",
+                       "Age": ".metadata.creationTimestamp"}
+
+
+def test_cel_rules_guard_model_choice_and_immutability():
+    spec = spec_schema()["properties"]
+    model_rules = [r["rule"] for r in spec["model"]["x-kubernetes-validations"]]
+    assert "has(self.formula) != has(self.python)" in model_rules
+    for field in ("data", "shards", "model", "sampler", "combine"):
+        assert "self == oldSelf" in [r["rule"] for r in spec[field]["x-kubernetes-validations"]], field
+    assert spec["shards"]["minimum"] == 1
+    for field in ("output", "runner", "suspend", "ttlSecondsAfterFinished"):
+        assert "x-kubernetes-validations" not in spec[field], field
+
+
+def _walk(schema: dict, path: str = ""):
+    yield path, schema
+    for key, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{key}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural():
+    """Every node has a type (or is int-or-string / preserves unknown fields), as the API requires."""
+    root = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root):
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), path

@@ -1,0 +1,343 @@
+"""The planner without Kubernetes: every phase transition, retries, suspension, deadline, TTL,
+deletion and restart, as pure function calls on observed Jobs and pods."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from cfit_support import COMBINE_REPORT, T0, job, make_fit, pod, shard_report
+
+from consensusfit.operator import planner
+from consensusfit.operator.config import Config
+from consensusfit.operator.labels import SUSPENDED_BY_FIT
+from consensusfit.operator.planner import Ledger, merge_patch, plan
+
+CONFIG = Config(runner_image="runner:test")
+NOW = T0 + timedelta(minutes=10)
+
+
+def state_after(fit: dict, result: planner.Plan) -> dict:
+    """The fit as the API server holds it once the plan's status patch is applied."""
+    return {**fit, "status": result.state}
+
+
+def reasons(result: planner.Plan) -> list[str]:
+    return [event.reason for event in result.events]
+
+
+def condition(result: planner.Plan, kind: str) -> dict:
+    return next(c for c in result.state["conditions"] if c["type"] == kind)
+
+
+# -- Pending -> Partitioning -> Sampling -> Combining -> Succeeded ---------------------------------
+
+def test_new_fit_creates_the_partition_job_and_starts():
+    result = plan(make_fit(), {}, [], NOW, CONFIG)
+    assert [m["metadata"]["name"] for m in result.create] == ["fvc-partition"]
+    assert result.status["phase"] == "Partitioning"
+    assert result.status["startTime"] == "2026-01-01T00:10:00Z"
+    assert result.status["observedGeneration"] == 1
+    assert result.status["shards"] == {"total": 3, "active": 0, "succeeded": 0, "failed": 0}
+    assert reasons(result) == ["Partitioning"]
+    assert result.exited == (("Pending", 600.0),)
+
+
+def test_partition_job_running_changes_nothing():
+    fit = state_after(make_fit(), plan(make_fit(), {}, [], NOW, CONFIG))
+    result = plan(fit, {"partition": job("partition", active=1)}, [pod("partition", phase="Running")], NOW, CONFIG)
+    assert result.create == () and result.status == {} and result.events == ()
+
+
+def test_partition_done_creates_the_indexed_shard_job():
+    fit = make_fit(status={"phase": "Partitioning", "startTime": "2026-01-01T00:01:00Z"})
+    partition_pod = pod("partition", report={"ok": True, "rows": 1549, "groups": 176})
+    result = plan(fit, {"partition": job("partition", "Complete")}, [partition_pod], NOW, CONFIG)
+    (shards,) = result.create
+    assert shards["metadata"]["name"] == "fvc-shards"
+    spec = shards["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 3
+    assert spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailIndex" and rules[0]["onExitCodes"]["values"] == [2, 3]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert result.status["phase"] == "Sampling"
+    partitioned = condition(result, "Partitioned")
+    assert partitioned["status"] == "True" and "1549 rows in 176 groups" in partitioned["message"]
+    assert reasons(result) == ["Sampling"]
+    assert result.exited == (("Partitioning", 540.0),)
+
+
+def test_sampling_reports_counts_and_worst_case_diagnostics():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=1, succeeded=2)}
+    pods = [
+        pod("sample", 0, report=shard_report(0, rhat=1.002, ess=800, divergences=1, seconds=40)),
+        pod("sample", 1, report=shard_report(1, rhat=1.010, ess=500, divergences=2, seconds=70)),
+        pod("sample", 2, phase="Running"),
+    ]
+    result = plan(fit, jobs, pods, NOW, CONFIG)
+    assert result.create == ()
+    assert result.state["phase"] == "Sampling"
+    assert result.state["shards"] == {"total": 3, "active": 1, "succeeded": 2, "failed": 0}
+    assert result.state["diagnostics"] == {
+        "rhatMax": 1.010, "essBulkMin": 500, "divergences": 3, "slowestShardSeconds": 70}
+
+
+def test_shards_done_creates_the_combine_job():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", "Complete", succeeded=3)}
+    result = plan(fit, jobs, [], NOW, CONFIG)
+    assert [m["metadata"]["name"] for m in result.create] == ["fvc-combine"]
+    assert result.status["phase"] == "Combining"
+    assert condition(result, "Sampled")["status"] == "True"
+
+
+def test_combine_done_succeeds_with_the_result():
+    fit = make_fit(status={"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {step: job(step, "Complete", succeeded=1) for step in ("partition", "sample", "combine")}
+    result = plan(fit, jobs, [pod("combine", report=COMBINE_REPORT)], NOW, CONFIG)
+    assert result.create == ()
+    assert result.status["phase"] == "Succeeded"
+    assert result.status["completionTime"] == "2026-01-01T00:10:00Z"
+    assert result.status["result"] == {"uri": COMBINE_REPORT["uri"], "parameters": COMBINE_REPORT["parameters"]}
+    assert condition(result, "Succeeded")["reason"] == "CombineSucceeded"
+    assert reasons(result) == ["Succeeded"]
+    assert [phase for phase, _ in result.exited] == ["Combining"]
+
+
+def test_whole_fit_walked_pass_by_pass_reaches_succeeded_once():
+    fit, jobs, pods = make_fit(), {}, []
+    seen_phases = []
+    for step, done_pod in [("partition", pod("partition", report={"ok": True, "rows": 10, "groups": 2})),
+                           ("sample", pod("sample", 0, report=shard_report(0))),
+                           ("combine", pod("combine", report=COMBINE_REPORT))]:
+        result = plan(fit, jobs, pods, NOW, CONFIG)
+        fit = state_after(fit, result)
+        seen_phases.append(fit["status"]["phase"])
+        assert [m["metadata"]["labels"]["consensusfit.dev/step"] for m in result.create] == [step]
+        jobs = {**jobs, step: job(step, "Complete", succeeded=1)}
+        pods = [*pods, done_pod]
+    result = plan(fit, jobs, pods, NOW, CONFIG)
+    fit = state_after(fit, result)
+    assert seen_phases + [fit["status"]["phase"]] == ["Partitioning", "Sampling", "Combining", "Succeeded"]
+    again = plan(fit, jobs, pods, NOW + timedelta(hours=1), CONFIG, result.seen)
+    assert again.status == {} and again.create == () and again.events == () and not again.delete_fit
+
+
+# -- failures and retries ----------------------------------------------------------------------------
+
+def test_partition_failure_fails_the_fit_with_the_runner_reason():
+    fit = make_fit(status={"phase": "Partitioning", "startTime": "2026-01-01T00:01:00Z"})
+    bad = pod("partition", phase="Failed", exit_code=3,
+              report={"ok": False, "reason": "BadInput", "message": "column Patient is missing"})
+    result = plan(fit, {"partition": job("partition", "Failed", reason="PodFailurePolicy")}, [bad], NOW, CONFIG)
+    assert result.status["phase"] == "Failed"
+    failed = condition(result, "Failed")
+    assert failed["reason"] == "PartitionFailed"
+    assert "BadInput: column Patient is missing (exit 3)" in failed["message"]
+    assert "PodFailurePolicy" in failed["message"]
+    assert result.status["completionTime"] == "2026-01-01T00:10:00Z"
+    assert "PartitionFailed" in reasons(result)
+
+
+def test_bad_input_on_one_shard_fails_the_fit_naming_the_shard():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"),
+            "sample": job("sample", "Failed", succeeded=2, failed_indexes=1, reason="FailedIndexes")}
+    bad = pod("sample", 2, phase="Failed", exit_code=3,
+              report={"ok": False, "reason": "BadInput", "message": "empty shard"})
+    result = plan(fit, jobs, [pod("sample", 0, report=shard_report(0)), bad], NOW, CONFIG)
+    assert result.status["phase"] == "Failed"
+    assert condition(result, "Failed")["reason"] == "ShardFailed"
+    assert condition(result, "Failed")["message"].startswith("shard 2 (pod ")
+    assert result.state["shards"]["failed"] == 1
+    assert result.create == ()
+
+
+def test_combine_failure_fails_the_fit():
+    fit = make_fit(status={"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", "Complete", succeeded=3),
+            "combine": job("combine", "Failed", reason="BackoffLimitExceeded")}
+    result = plan(fit, jobs, [], NOW, CONFIG)
+    assert condition(result, "Failed")["reason"] == "CombineFailed"
+    assert "BackoffLimitExceeded" in condition(result, "Failed")["message"]
+
+
+def test_a_failed_shard_pod_is_reported_once_and_the_fit_keeps_sampling():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
+    crashed = pod("sample", 1, phase="Failed", exit_code=1,
+                  report={"ok": False, "reason": "Error", "message": "storage unreachable"})
+    pods = [crashed, pod("sample", 1, phase="Running", attempt=1)]
+    first = plan(fit, jobs, pods, NOW, CONFIG)
+    assert first.state["phase"] == "Sampling" and first.create == ()
+    assert reasons(first) == ["PodFailed"]
+    assert "shard 1" in first.events[0].message and "storage unreachable" in first.events[0].message
+    assert first.finished == (crashed,)
+    second = plan(state_after(fit, first), jobs, pods, NOW, CONFIG, first.seen)
+    assert second.events == () and second.finished == () and second.status == {}
+
+
+def test_a_disrupted_pod_is_reported_as_disruption_not_failure():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
+    evicted = pod("sample", 0, phase="Failed", exit_code=137, disrupted=True)
+    result = plan(fit, jobs, [evicted], NOW, CONFIG)
+    assert reasons(result) == ["PodDisrupted"]
+
+
+def test_log_tail_instead_of_report_still_explains_the_failure():
+    from consensusfit.operator.observe import parse_report
+    assert parse_report("Traceback...\nMemoryError: out of memory\n") == {
+        "ok": False, "reason": "Error", "message": "MemoryError: out of memory"}
+    assert parse_report(json.dumps(shard_report(4)))["shard"] == 4
+    assert parse_report("") is None
+
+
+# -- suspension -----------------------------------------------------------------------------------------
+
+def test_a_fit_suspended_from_the_start_creates_nothing():
+    result = plan(make_fit(suspend=True), {}, [], NOW, CONFIG)
+    assert result.create == ()
+    assert result.state["phase"] == "Pending"
+    assert condition(result, "Suspended")["status"] == "True"
+    assert "startTime" not in result.state
+    assert reasons(result) == ["Suspended"]
+
+
+def test_suspending_a_running_fit_suspends_its_unfinished_jobs():
+    fit = make_fit(suspend=True, status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
+    result = plan(fit, jobs, [], NOW, CONFIG)
+    assert result.patch_jobs == (
+        ("fvc-shards", {"metadata": {"annotations": {SUSPENDED_BY_FIT: "true"}}, "spec": {"suspend": True}}),)
+    assert result.state["phase"] == "Sampling"
+    # Once the Job is suspended, nothing more to do.
+    jobs["sample"] = job("sample", suspended=True, by_fit=True)
+    again = plan(state_after(fit, result), jobs, [], NOW, CONFIG)
+    assert again.patch_jobs == () and again.status == {"shards": {"active": 0}}  # its pods are gone
+
+
+def test_resuming_lifts_only_our_suspension_and_restarts_the_deadline_clock():
+    status = {"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z",
+              "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended", "message": "",
+                              "lastTransitionTime": "2026-01-01T00:02:00Z"}]}
+    fit = make_fit(status=status, activeDeadlineSeconds=300)
+    ours = job("sample", suspended=True, by_fit=True)
+    result = plan(fit, {"partition": job("partition", "Complete"), "sample": ours}, [], NOW, CONFIG)
+    assert result.patch_jobs == (
+        ("fvc-shards", {"metadata": {"annotations": {SUSPENDED_BY_FIT: None}}, "spec": {"suspend": False}}),)
+    assert condition(result, "Suspended")["status"] == "False"
+    assert result.state["startTime"] == "2026-01-01T00:10:00Z"  # not failed by the deadline
+    assert result.state["phase"] == "Sampling"
+    kueues = job("sample", suspended=True, by_fit=False)  # held by a queue: not ours to release
+    result = plan(fit, {"partition": job("partition", "Complete"), "sample": kueues}, [], NOW, CONFIG)
+    assert result.patch_jobs == ()
+
+
+def test_a_suspended_fit_does_not_start_its_next_step():
+    fit = make_fit(suspend=True, status={"phase": "Partitioning", "startTime": "2026-01-01T00:01:00Z"})
+    result = plan(fit, {"partition": job("partition", "Complete")}, [], NOW, CONFIG)
+    assert result.create == ()
+    assert result.state["phase"] == "Sampling"
+
+
+# -- deadline, TTL, deletion -------------------------------------------------------------------------------
+
+def test_deadline_fails_the_fit_and_stops_its_running_job():
+    partitioned = {"type": "Partitioned", "status": "True", "reason": "PartitionSucceeded", "message": "",
+                   "lastTransitionTime": "2026-01-01T00:02:00Z"}
+    fit = make_fit(activeDeadlineSeconds=60, status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z",
+                                                     "conditions": [partitioned]})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
+    result = plan(fit, jobs, [], NOW, CONFIG)
+    assert result.state["phase"] == "Failed"
+    assert condition(result, "Failed")["reason"] == "DeadlineExceeded"
+    assert result.patch_jobs == (
+        ("fvc-shards", {"metadata": {"annotations": {SUSPENDED_BY_FIT: "true"}}, "spec": {"suspend": True}}),)
+    assert result.exited == (("Sampling", 480.0),)
+
+
+def test_deadline_does_not_run_while_suspended():
+    fit = make_fit(activeDeadlineSeconds=60, suspend=True,
+                   status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    result = plan(fit, {"partition": job("partition", "Complete"), "sample": job("sample", suspended=True)},
+                  [], NOW, CONFIG)
+    assert result.state["phase"] == "Sampling"
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_ttl_deletes_the_fit_only_after_it_passed(phase):
+    status = {"phase": phase, "completionTime": "2026-01-01T00:05:00Z"}
+    fit = make_fit(ttlSecondsAfterFinished=600, status=status)
+    assert not plan(fit, {}, [], T0 + timedelta(minutes=14), CONFIG).delete_fit
+    assert plan(fit, {}, [], T0 + timedelta(minutes=15), CONFIG).delete_fit
+    assert not plan(make_fit(status=status), {}, [], T0 + timedelta(days=300), CONFIG).delete_fit
+
+
+def test_jobs_are_owned_by_the_fit_so_deleting_it_deletes_them_and_nothing_else():
+    (manifest,) = plan(make_fit(), {}, [], NOW, CONFIG).create
+    assert manifest["metadata"]["ownerReferences"] == [{
+        "apiVersion": "consensusfit.dev/v1alpha1", "kind": "ConsensusFit", "name": "fvc", "uid": "uid-fvc",
+        "controller": True, "blockOwnerDeletion": True}]
+    # The planner never deletes a Job or anything in the object store; only an expired fit itself.
+    assert set(planner.Plan.__dataclass_fields__) >= {"create", "patch_jobs", "delete_fit"}
+
+
+def test_a_failed_fit_suspends_leftover_jobs_and_otherwise_stays_put():
+    fit = make_fit(status={"phase": "Failed", "completionTime": "2026-01-01T00:05:00Z"})
+    result = plan(fit, {"partition": job("partition", "Complete"), "sample": job("sample", active=2)}, [], NOW, CONFIG)
+    assert [name for name, _ in result.patch_jobs] == ["fvc-shards"]
+    assert result.create == () and result.events == () and "phase" not in result.status
+
+
+# -- restart safety and idempotence ---------------------------------------------------------------------
+
+def test_restart_mid_sampling_continues_without_creating_anything():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z",
+                           "observedGeneration": 1,
+                           "shards": {"total": 3, "active": 3, "succeeded": 0, "failed": 0}})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
+    result = plan(fit, jobs, [], NOW, CONFIG, Ledger())
+    assert result.create == () and result.patch_jobs == ()
+    assert [e.reason for e in result.events] == []
+    assert result.status.keys() <= {"conditions"}  # only the Partitioned condition is filled in
+
+
+def test_restart_after_everything_finished_while_down_goes_straight_to_succeeded():
+    fit = make_fit(status={"phase": "Partitioning", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {step: job(step, "Complete", succeeded=1) for step in ("partition", "sample", "combine")}
+    result = plan(fit, jobs, [pod("combine", report=COMBINE_REPORT)], NOW, CONFIG)
+    assert result.create == ()
+    assert result.state["phase"] == "Succeeded"
+    assert [phase for phase, _ in result.exited] == ["Partitioning", "Sampling", "Combining"]
+
+
+def test_a_stale_view_repeats_the_same_create_with_the_same_name():
+    fit = make_fit()
+    first = plan(fit, {}, [], NOW, CONFIG)
+    stale = plan(state_after(fit, first), {}, [], NOW + timedelta(seconds=5), CONFIG)
+    assert first.create == stale.create  # the second create is a 409 for the applier
+    assert stale.events == () and "startTime" not in stale.status
+
+
+def test_a_job_deleted_by_hand_is_recreated_without_rewinding_the_phase():
+    fit = make_fit(status={"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"})
+    result = plan(fit, {"partition": job("partition", "Complete")}, [], NOW, CONFIG)
+    assert [m["metadata"]["name"] for m in result.create] == ["fvc-shards"]
+    assert result.state["phase"] == "Combining"
+
+
+def test_spec_generation_is_observed():
+    fit = make_fit(status={"phase": "Sampling", "observedGeneration": 1, "startTime": "2026-01-01T00:01:00Z"})
+    fit["metadata"]["generation"] = 2
+    result = plan(fit, {"partition": job("partition", "Complete"), "sample": job("sample", active=1)}, [], NOW, CONFIG)
+    assert result.status["observedGeneration"] == 2
+
+
+def test_merge_patch_sets_changes_and_nulls_removals():
+    assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"a": 1, "b": {"c": 2}}) == {"b": {"c": 2, "d": None}}
+    assert merge_patch({"a": [1]}, {"a": [1]}) == {}
