@@ -58,14 +58,14 @@ def _bad(formula: str, reason: str) -> BadInput:
     return BadInput(f"formula {formula!r}: {reason}")
 
 
-def _describe(text: str, formula: str):
+def _describe(text: str, formula: str, part: str):
     import formulae
 
     try:
         return formulae.model_description(text)
     except Exception as error:  # formulae's ParseError / ScanError / ValueError
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise _bad(formula, f"cannot parse {text.split('~', 1)[-1].strip()!r}: {message}") from None
+        raise _bad(formula, f"cannot parse {part.strip()!r}: {message}") from None
 
 
 def _term_columns(term, formula: str, where: str) -> Term:
@@ -88,7 +88,7 @@ def _term_columns(term, formula: str, where: str) -> Term:
 
 def _common_part(text: str, formula: str, where: str) -> tuple[bool, tuple[Term, ...]]:
     """(has intercept, terms) of a right-hand side without group terms."""
-    description = _describe(f"consensusfit_response ~ {text}", formula)
+    description = _describe(f"consensusfit_response ~ {text}", formula, text)
     if description.group_terms:
         raise _bad(formula, f"{where}: a group term inside {text!r} must stand on its own")
     intercept, terms = False, []
@@ -205,7 +205,7 @@ def parse_formula(formula: object) -> ParsedFormula:
         raise _bad(formula, "has no response before '~'")
     if not rhs.strip():
         raise _bad(formula, "has no terms after '~' (use 1 for an intercept-only model)")
-    response = _describe(f"{left} ~ 1", formula).response.term
+    response = _describe(f"{left} ~ 1", formula, left).response.term
     components = getattr(response, "components", [])
     if len(components) != 1 or type(components[0]).__name__ != "Variable":
         raise _bad(formula, f"response {left.strip()!r} must be one column; transform it in the data")
