@@ -551,3 +551,32 @@ def test_recovery_negativebinomial():
                           "g", stats_of(data, ("g",)), 1)
     draws = fit(model, shard_of(data))
     assert_recovered(draws, {"Intercept": 1.0, "x": -0.4, "1|g_sigma": 0.6, "alpha": alpha})
+
+
+# ---------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize(
+    "name, categorical",
+    [("gaussian", ("subject",)), ("bernoulli", ("device", "user", "campaign")), ("poisson", ("store",))],
+)
+def test_examples_build_and_trace(name, categorical):
+    from pathlib import Path
+
+    from consensusfit.runner.spec import loads
+
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml"
+    spec = loads(path.read_text())
+    columns, _ = formula_columns(spec.model)
+    rng = np.random.default_rng(0)
+    data = {}
+    for column in columns:
+        if column in categorical:
+            data[column] = rng.choice([f"{column}{i}" for i in range(4)], 50)
+        elif column == columns[0] and spec.model["family"] != "gaussian":
+            data[column] = rng.integers(0, 2, 50).astype(float)
+        else:
+            data[column] = rng.normal(size=50)
+    model = formula_model(spec.model, spec.group_column, stats_of(data, categorical), spec.shards)
+    trace = trace_of(model, shard_of(data, spec.group_column))
+    assert trace[columns[0]]["is_observed"]
