@@ -72,6 +72,11 @@ def owner_reference(fit: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _quantities(resources: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """Quantities as strings, the Job API's type (the CRD also allows `nvidia.com/gpu: 1`)."""
+    return {kind: {name: str(value) for name, value in amounts.items()} for kind, amounts in resources.items()}
+
+
 def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
     command = ["consensusfit-runner", step, "--spec", runner_spec_json(fit), "--out", result_root(fit)]
     container = {
@@ -79,7 +84,7 @@ def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], ima
         "image": runner.get("image") or image,
         "command": command,
         "env": runner.get("env", []),
-        "resources": runner.get("resources", {}),
+        "resources": _quantities(runner.get("resources", {})),
         "volumeMounts": [{"name": "scratch", "mountPath": _SCRATCH}],
         # The runner writes its JSON report here; if it dies first, the log tail stands in.
         "terminationMessagePath": "/dev/termination-log",

@@ -31,11 +31,11 @@ def register(
     kube = Kube(api)
     ours = {FIT: kopf.PRESENT}
 
-    @kopf.index("batch", "v1", "jobs", labels=ours, registry=registry)
+    @kopf.index("batch", "v1", "jobs", id="fit_jobs", labels=ours, registry=registry)
     def fit_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: object) -> dict:
         return {(namespace, labels[FIT]): observe.job_view(body)}
 
-    @kopf.index("v1", "pods", labels=ours, registry=registry)
+    @kopf.index("v1", "pods", id="fit_pods", labels=ours, registry=registry)
     def fit_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: object) -> dict:
         return {(namespace, labels[FIT]): observe.pod_view(body)}
 

@@ -25,7 +25,7 @@ def test_the_runner_gets_the_contract_command_and_accepts_the_spec():
     assert "runner" not in fit.raw and "suspend" not in fit.raw
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["image"] == "runner:default"
-    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
 
 
 def test_pods_run_restricted_with_a_writable_scratch_folder():
@@ -56,7 +56,7 @@ def test_runner_settings_reach_the_pod_and_operator_defaults_fill_gaps():
     assert container["image"] == "mine:1"
     assert container["envFrom"] == [{"secretRef": {"name": "s3"}}]
     assert container["env"] == defaults["env"]
-    assert container["resources"] == {"limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
+    assert container["resources"] == {"limits": {"memory": "16Gi", "nvidia.com/gpu": "1"}}
     job_labels = manifest["metadata"]["labels"]
     assert job_labels["kueue.x-k8s.io/queue-name"] == "gpus" and job_labels["team"] == "lungs"
     assert job_labels[labels.FIT] == "fvc" and job_labels[labels.STEP] == "partition"
