@@ -115,8 +115,8 @@ def command_combine(args) -> dict:
 def command_run(args) -> dict:
     from .pipeline import run_fit
 
-    spec, base = load(args.fit)
-    return finish_run(run_fit(spec, base, args.workers, args.reference))
+    spec, _ = load(args.fit)
+    return finish_run(run_fit(spec, args.workers, args.reference))
 
 
 def finish_run(result) -> dict:
@@ -151,7 +151,7 @@ def command_demo(args) -> dict:
     manifest = Path(__file__).resolve().parents[1] / "examples" / "fvc.yaml"
     if not manifest.is_file():
         raise BadInput(f"the demo needs a source checkout: {manifest} is missing")
-    spec, base = load(str(manifest))
+    spec, _ = load(str(manifest))
     data = Path(DEFAULT_OUTPUT) / "data" / f"osic-{args.patients}.parquet"
     data.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(osic_like(args.patients), data)
@@ -159,7 +159,7 @@ def command_demo(args) -> dict:
     spec = replace(spec, raw=raw, name=f"{spec.name}-{args.patients}")
     print(f"demo: {args.patients} OSIC-like patients in {data}, fitting {manifest.name} "
           f"on {spec.shards} shards and on the full data for reference", file=sys.stderr)
-    return finish_run(run_fit(spec, base, args.workers, reference=True))
+    return finish_run(run_fit(spec, args.workers, reference=True))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,24 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadInput, TransientError
-from .spec import FitSpec, parse
+from .spec import FitSpec
 
 DEFAULT_OUTPUT = "./consensusfit-runs"
-
-
-def _absolute(uri: str, base: str) -> str:
-    if "://" in uri or Path(uri).is_absolute():
-        return uri
-    return str((Path(base) / uri).resolve())
-
-
-def resolve_local_paths(spec: FitSpec, base: str) -> FitSpec:
-    """Make the spec's relative local paths (data, Python model) absolute, relative to `base`."""
-    raw = json.loads(json.dumps(spec.raw))
-    raw["data"]["uri"] = _absolute(raw["data"]["uri"], base)
-    if raw["model"].get("python"):
-        raw["model"]["python"]["uri"] = _absolute(raw["model"]["python"]["uri"], base)
-    return dataclasses.replace(spec, raw=raw)
 
 
 def fit_root(spec: FitSpec) -> str:
@@ -138,14 +123,13 @@ class FitResult:
     reference: dict | None  # parameter -> summary of the full-data fit
 
 
-def run_fit(spec: FitSpec, base: str, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
+def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
     """Partition, sample every shard, combine, and optionally fit the full data for reference."""
     from .cli import configure_precision
     from .combiner import combine_fit
     from .partition import partition_fit
     from .storage import open_store
 
-    spec = resolve_local_paths(spec, base)
     root = fit_root(spec)
     progress = progress or Progress(spec.shards)
     progress.phase(f"results in {root}")

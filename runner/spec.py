@@ -195,4 +195,22 @@ def load(argument: str) -> tuple[FitSpec, str]:
     path = Path(argument)
     if not path.is_file():
         raise BadInput(f"spec file {argument} does not exist")
-    return loads(path.read_text()), str(path.parent)
+    return resolve_local_paths(loads(path.read_text()), str(path.parent)), str(path.parent)
+
+
+def _absolute(uri: str, base: str) -> str:
+    from pathlib import Path
+
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((Path(base) / uri).resolve())
+
+
+def resolve_local_paths(spec: FitSpec, base: str) -> FitSpec:
+    """The spec with relative local paths (data, Python model) made absolute against `base`, the
+    manifest's folder, so every step sees the same files wherever it runs."""
+    raw = copy.deepcopy(spec.raw)
+    raw["data"]["uri"] = _absolute(raw["data"]["uri"], base)
+    if raw["model"].get("python"):
+        raw["model"]["python"]["uri"] = _absolute(raw["model"]["python"]["uri"], base)
+    return FitSpec(raw=raw, name=spec.name, namespace=spec.namespace)
