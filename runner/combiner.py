@@ -1,0 +1,470 @@
+"""The `combine` step: read every shard's draws, combine the global parameters, write the result.
+
+Under the fit's root it reads `shards/<k>/` for k = 0..K−1 and writes, in this order,
+
+    combined/draws.parquet        the combined draws of the global sites (constrained and `u:`)
+    combined/groups/<k>/...       with groupParameters: resample, shard k's group-level draws
+                                  given the combined global draws (runner/resample.py), each
+                                  folder finished by its own _SUCCESS.json
+    combined/agreement.json       per shard and global component, how far the shard sits from the
+                                  combined posterior (runner/agreement.py)
+    combined/summary.json         per parameter mean, sd, q05, q50, q95 (+ ESS for globals)
+    combined/_SUCCESS.json        last: the combination is complete
+
+Global sites are combined in the unconstrained space NUTS sampled in (the `u:` columns), where the
+tempered shard densities are exact factors of the full posterior (DESIGN.md), and mapped back to
+their support with the bijection NumPyro itself uses for the site (`biject_to(support)`), found by
+tracing the model on one shard's data. Combined values are therefore always inside the support.
+
+Refusals (BadInput, exit 3), each one line naming the shard: a shard with no `_SUCCESS.json`
+(missing, or still running/crashed), a shard completed for another spec (fingerprint), draws with
+NaN or infinities, shards whose global sites differ. A combination already completed for this fit
+is returned as it is, never redone or overwritten; one completed with other combine settings is
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+from .agreement import agreement
+from .combine import combine
+from .data import read_table, shard_data
+from .diagnostics import ess_bulk, ess_tail
+from .draws import Draws, Site, component_names, from_parquet_bytes, to_parquet_bytes
+from .errors import BadInput
+from .models import model_from_spec
+from .spec import FitSpec
+from .storage import NotFound, Store, open_store
+
+SUCCESS = "_SUCCESS.json"
+TERMINATION_LIMIT = 4096
+WARN_RHAT = 1.01
+
+
+# ---------------------------------------------------------------- reading and checking shards
+
+
+def _describe(shards: list[int], total: int) -> str:
+    shown = ", ".join(map(str, shards[:10])) + (", …" if len(shards) > 10 else "")
+    return f"shard {shown}" if len(shards) == 1 else f"shards {shown} ({len(shards)} of {total})"
+
+
+def check_shards_complete(root: Store, spec: FitSpec) -> None:
+    """Every shard has `_SUCCESS.json` with this fit's fingerprint; else one line naming them."""
+    fingerprint = spec.fingerprint()
+    missing, incomplete = [], []
+    for k in range(spec.shards):
+        shard = root.child(f"shards/{k}")
+        try:
+            success = json.loads(shard.read_bytes(SUCCESS))
+        except NotFound:
+            (incomplete if shard.exists("draws.parquet") else missing).append(k)
+            continue
+        if success.get("fingerprint") != fingerprint:
+            raise BadInput(
+                f"shard {k} was fitted with a different spec (fingerprint {success.get('fingerprint')}, "
+                f"this fit {fingerprint}): {shard.root}"
+            )
+    if missing or incomplete:
+        parts = []
+        if missing:
+            parts.append(f"{_describe(missing, spec.shards)} missing")
+        if incomplete:
+            parts.append(f"{_describe(incomplete, spec.shards)} incomplete (draws but no {SUCCESS})")
+        raise BadInput(f"cannot combine: {'; '.join(parts)} under {root.uri('shards/')}")
+
+
+def _check_finite(draws: Draws, where: str) -> None:
+    for space, arrays in (("", draws.constrained), ("u:", draws.unconstrained)):
+        for name, values in arrays.items():
+            values = np.asarray(values, dtype=float)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                flat = bad.reshape(bad.shape[:2] + (-1,))
+                component = component_names(space + name, values.shape[2:])[int(np.argmax(flat.any(axis=(0, 1))))]
+                raise BadInput(
+                    f"{where}: {int(bad.sum())} NaN or infinite draw value(s) in {space}{name} "
+                    f"(first in column {component})"
+                )
+
+
+def read_shard(root: Store, spec: FitSpec, k: int) -> Draws:
+    """Shard k's draws, checked: fingerprint, shard count, finite values."""
+    where = f"shard {k}"
+    try:
+        draws = from_parquet_bytes(root.read_bytes(f"shards/{k}/draws.parquet"))
+    except NotFound:
+        raise BadInput(f"{where}: {root.uri(f'shards/{k}/draws.parquet')} is missing") from None
+    except (KeyError, ValueError, OSError) as error:
+        raise BadInput(f"{where}: draws.parquet is not a consensusfit draws table: {error}") from None
+    if draws.metadata.get("fingerprint") != spec.fingerprint():
+        raise BadInput(
+            f"{where} was fitted with a different spec (draws fingerprint "
+            f"{draws.metadata.get('fingerprint')}, this fit {spec.fingerprint()})"
+        )
+    if draws.metadata.get("shards") != spec.shards:
+        raise BadInput(f"{where} was fitted as one of {draws.metadata.get('shards')} shards, this fit has {spec.shards}")
+    _check_finite(draws, where)
+    return draws
+
+
+def global_layout(shards: list[Draws]) -> dict[str, Site]:
+    """The global latent sites, the same in every shard (else a refusal naming the shard)."""
+    first = {name: shards[0].sites[name] for name in shards[0].global_names()}
+    if not first:
+        raise BadInput("shard 0 has no global latent sites: nothing to combine")
+    for k, draws in enumerate(shards[1:], start=1):
+        other = {name: draws.sites[name] for name in draws.global_names()}
+        if other != first:
+            raise BadInput(
+                f"shard {k} has global sites {sorted(other)} with other shapes or names than shard 0's "
+                f"{sorted(first)}"
+            )
+    return first
+
+
+def pack(draws: Draws, layout: dict[str, Site]) -> np.ndarray:
+    """The unconstrained global components of one shard, shaped (chains, draws, D)."""
+    parts = [
+        np.asarray(draws.unconstrained[name], dtype=float).reshape(draws.chains, draws.draws, -1)
+        for name in layout
+    ]
+    return np.concatenate(parts, axis=-1)
+
+
+def unpack(values: np.ndarray, layout: dict[str, Site]) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for name, site in layout.items():
+        size = int(np.prod(site.unconstrained_shape, dtype=int))
+        out[name] = values[..., start : start + size].reshape(values.shape[:2] + site.unconstrained_shape)
+        start += size
+    return out
+
+
+def unconstrained_names(layout: dict[str, Site]) -> list[str]:
+    """Component names in the packed order: the site's own names where the shapes agree."""
+    names = []
+    for name, site in layout.items():
+        prefix = "" if site.unconstrained_shape == site.shape else "u:"
+        names += component_names(prefix + name, site.unconstrained_shape)
+    return names
+
+
+# ---------------------------------------------------------------- the model, for supports and resampling
+
+
+@dataclass(frozen=True)
+class ShardModel:
+    fn: object
+    arguments: dict
+    groups: list[str]
+
+
+def data_uri_for(out_uri: str, shard: int, data_uri: str | None) -> str:
+    return (data_uri or f"{out_uri.rstrip('/')}/partition/shard={{shard}}/").replace("{shard}", str(shard))
+
+
+def load_stats(root: Store, stats_uri: str | None) -> dict | None:
+    if stats_uri:
+        from .storage import split_uri
+
+        store, key = split_uri(stats_uri)
+        return json.loads(store.read_bytes(key)).get("stats")
+    try:
+        return json.loads(root.read_bytes("partition/manifest.json")).get("stats")
+    except NotFound:
+        return None
+
+
+def shard_model(
+    spec: FitSpec, out_uri: str, base: str, shard: int, data_uri: str | None, stats_uri: str | None
+) -> ShardModel:
+    """The model and its arguments for one shard's data, prepared as the sample step did."""
+    stats = load_stats(open_store(out_uri), stats_uri)
+    model = model_from_spec(spec, stats, base)
+    uri = data_uri_for(out_uri, shard, data_uri)
+    data = shard_data(read_table(uri), model.columns, model.numeric, spec.group_column, f"shard {shard} ({uri})")
+    return ShardModel(model.fn, model.prepare(data), [str(label) for label in data.group_labels])
+
+
+def bijections(model: ShardModel, layout: dict[str, Site]) -> dict:
+    """NumPyro's unconstrained→support transform of every global site, from one trace."""
+    import jax
+    from numpyro.distributions.transforms import biject_to
+
+    from .tempering import trace_model
+
+    with jax.ensure_compile_time_eval():
+        trace = trace_model(model.fn, model.arguments)
+    transforms = {}
+    for name in layout:
+        site = trace.get(name)
+        if site is None or site["type"] != "sample":
+            raise BadInput(f"the model does not sample global site {name!r} that the shards recorded")
+        transforms[name] = biject_to(site["fn"].support)
+    return transforms
+
+
+def constrain(unconstrained: dict[str, np.ndarray], transforms: dict) -> dict[str, np.ndarray]:
+    return {name: np.asarray(transforms[name](values)) for name, values in unconstrained.items()}
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def _summaries(flat: np.ndarray, names: list[str]) -> dict[str, dict]:
+    """mean, sd, q05, q50, q95 of every column of flat draws (N, P)."""
+    if flat.shape[1] == 0:
+        return {}
+    q05, q50, q95 = np.quantile(flat, [0.05, 0.5, 0.95], axis=0)
+    mean, sd = flat.mean(axis=0), flat.std(axis=0, ddof=1)
+    return {
+        name: {"mean": float(mean[i]), "sd": float(sd[i]), "q05": float(q05[i]), "q50": float(q50[i]), "q95": float(q95[i])}
+        for i, name in enumerate(names)
+    }
+
+
+def global_summary(constrained: dict[str, np.ndarray]) -> dict[str, dict]:
+    result = {}
+    for name, values in constrained.items():
+        chains, draws = values.shape[:2]
+        per_chain = values.reshape(chains, draws, -1)
+        names = component_names(name, values.shape[2:])
+        stats = _summaries(per_chain.reshape(chains * draws, -1), names)
+        for i, component in enumerate(names):
+            stats[component]["ess"] = ess_bulk(per_chain[:, :, i])
+            stats[component]["ess_tail"] = ess_tail(per_chain[:, :, i])
+        result.update(stats)
+    return result
+
+
+def group_component_names(name: str, shape: tuple[int, ...], labels: list[str], shard: int) -> list[str]:
+    """`name[label]` / `name[label,j]` when the site's first axis is the shard's groups."""
+    if shape and labels and shape[0] == len(labels):
+        rest = component_names("", shape[1:])
+        return [f"{name}[{label}{',' + r[1:-1] if r else ''}]" for label in labels for r in rest]
+    return [f"{name}@shard{shard}{c[len(name):] or ''}" for c in component_names(name, shape)]
+
+
+def group_summary(arrays: dict[str, np.ndarray], labels: list[str], shard: int) -> dict[str, dict]:
+    result = {}
+    for name, values in arrays.items():
+        flat = np.asarray(values, dtype=float).reshape(values.shape[0] * values.shape[1], -1)
+        result.update(_summaries(flat, group_component_names(name, values.shape[2:], labels, shard)))
+    return result
+
+
+def shard_report(root: Store, k: int) -> dict:
+    try:
+        diagnostics = json.loads(root.read_bytes(f"shards/{k}/diagnostics.json"))
+    except NotFound:
+        return {"shard": k}
+    parameters = diagnostics.get("parameters", {}).values()
+    return {
+        "shard": k,
+        "rows": diagnostics.get("rows"),
+        "groups": diagnostics.get("groups"),
+        "rhatMax": max((p["rhat"] for p in parameters), default=None),
+        "essBulkMin": min((p["ess_bulk"] for p in parameters), default=None),
+        "divergences": diagnostics.get("divergences"),
+    }
+
+
+def termination_message(uri: str, parameters: dict[str, dict]) -> dict:
+    """The contract's success message, trimmed to 4 KiB (then `"truncated": true`)."""
+    keep = ("mean", "sd", "q05", "q50", "q95")
+    message = {"ok": True, "uri": uri, "parameters": {}}
+    for name, stats in parameters.items():
+        trial = dict(message["parameters"])
+        trial[name] = {key: float(f"{stats[key]:.6g}") for key in keep}
+        candidate = {**message, "parameters": trial}
+        if len(json.dumps(candidate)) + len(', "truncated": true') > TERMINATION_LIMIT:
+            message["truncated"] = True
+            break
+        message = candidate
+    return message
+
+
+# ---------------------------------------------------------------- the step
+
+
+def combined_globals(shards: list[Draws], spec: FitSpec, transforms_of) -> tuple:
+    """(layout, combined unconstrained (C, S, D), constrained sites, per-shard packed draws)."""
+    layout = global_layout(shards)
+    packed = [pack(d, layout) for d in shards]
+    rng = np.random.default_rng(np.random.SeedSequence([spec.sampler["seed"], 0xC0B1]))
+    try:
+        values, _ = combine(spec.combine["method"], packed, rng)
+    except (ValueError, np.linalg.LinAlgError) as error:
+        raise BadInput(f"cannot combine the shards' global draws: {error}") from None
+    unconstrained = unpack(values, layout)
+    return layout, values, constrain(unconstrained, transforms_of(layout)), unconstrained, packed
+
+
+def _resample_settings(spec: FitSpec, shard: int):
+    from .sampling import SamplerSettings
+    from .shard import shard_seed
+
+    settings = SamplerSettings.from_spec(spec.sampler)
+    return SamplerSettings(**{**settings.__dict__, "seed": shard_seed(settings.seed + 7919, shard)})
+
+
+def resample_shard(
+    spec: FitSpec,
+    out_uri: str,
+    base: str = ".",
+    shard: int = 0,
+    data_uri: str | None = None,
+    stats_uri: str | None = None,
+    combined: Draws | None = None,
+) -> dict:
+    """Re-sample shard `shard`'s group-level sites given the combined global draws.
+
+    Needs `combined/draws.parquet`; writes `combined/groups/<shard>/draws.parquet`, then its
+    `_SUCCESS.json`. Already done for this fingerprint: returns at once. Any shard can run on its
+    own, in parallel with the others (see docs/contract.md).
+    """
+    from .resample import resample_groups
+
+    root = open_store(out_uri)
+    store = root.child(f"combined/groups/{shard}")
+    fingerprint = spec.fingerprint()
+    if store.exists(SUCCESS):
+        done = json.loads(store.read_bytes(SUCCESS))
+        if done.get("fingerprint") == fingerprint:
+            return done
+        raise BadInput(f"{store.root} holds group draws of another spec (fingerprint {done.get('fingerprint')})")
+    if combined is None:
+        try:
+            combined = from_parquet_bytes(root.read_bytes("combined/draws.parquet"))
+        except NotFound:
+            raise BadInput(f"shard {shard}: no combined global draws yet ({root.uri('combined/draws.parquet')})") from None
+    model = shard_model(spec, out_uri, base, shard, data_uri, stats_uri)
+    theta = {name: combined.constrained[name] for name in combined.global_names()}
+    result = resample_groups(model.fn, model.arguments, theta, _resample_settings(spec, shard))
+    arrays = {**result.latent, **result.deterministic}
+    sites = {
+        name: Site(values.shape[2:], None, False, "latent" if name in result.latent else "deterministic")
+        for name, values in arrays.items()
+    }
+    metadata = {"fingerprint": fingerprint, "shard": shard, "shards": spec.shards, "groups": model.groups}
+    data = to_parquet_bytes(Draws(arrays, {}, sites, metadata))
+    store.write_bytes("draws.parquet", data)
+    success = {
+        "fingerprint": fingerprint,
+        "files": {"draws.parquet": len(data)},
+        "accept_prob": result.accept_prob,
+        "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    store.write_bytes(SUCCESS, json.dumps(success, indent=1).encode())
+    return success
+
+
+def _group_draws(root: Store, spec: FitSpec, k: int, shard: Draws) -> tuple[dict, list[str]]:
+    """Shard k's group-level draws: resampled ones, or (keep) the shard's own."""
+    if spec.combine["groupParameters"] == "resample":
+        draws = from_parquet_bytes(root.read_bytes(f"combined/groups/{k}/draws.parquet"))
+        return draws.constrained, draws.metadata.get("groups", [])
+    local = {name: v for name, v in shard.constrained.items() if not shard.sites[name].is_global}
+    return local, shard.metadata.get("groups", [])
+
+
+def combine_fit(
+    spec: FitSpec,
+    out_uri: str,
+    base: str = ".",
+    data_uri: str | None = None,
+    stats_uri: str | None = None,
+) -> dict:
+    """Combine the K shards under `out_uri` (module docstring); return the termination message."""
+    root = open_store(out_uri)
+    fingerprint = spec.fingerprint()
+    combined_uri = root.uri("combined/")
+    if root.exists(f"combined/{SUCCESS}"):
+        done = json.loads(root.read_bytes(f"combined/{SUCCESS}"))
+        if done.get("fingerprint") != fingerprint:
+            raise BadInput(
+                f"{combined_uri} holds the combination of another spec (fingerprint "
+                f"{done.get('fingerprint')}, this fit {fingerprint}); write a changed fit elsewhere"
+            )
+        if done.get("combine") != spec.combine:
+            raise BadInput(
+                f"{combined_uri} already holds this fit combined with {done.get('combine')}; it is not "
+                f"overwritten: give the fit another output to combine with {spec.combine}"
+            )
+        summary = json.loads(root.read_bytes("combined/summary.json"))
+        return termination_message(combined_uri, {k: summary["parameters"][k] for k in summary["globals"]})
+
+    check_shards_complete(root, spec)
+    shards = [read_shard(root, spec, k) for k in range(spec.shards)]
+    model_cache: dict[int, ShardModel] = {}
+
+    def transforms_of(layout):
+        model_cache[0] = shard_model(spec, out_uri, base, 0, data_uri, stats_uri)
+        return bijections(model_cache[0], layout)
+
+    layout, values, constrained, unconstrained, packed = combined_globals(shards, spec, transforms_of)
+    metadata = {
+        "fingerprint": fingerprint,
+        "shards": spec.shards,
+        "method": spec.combine["method"],
+        "groupParameters": spec.combine["groupParameters"],
+        "groups": [],
+    }
+    sites = {name: Site(site.shape, site.unconstrained_shape, True, "latent") for name, site in layout.items()}
+    combined = Draws(constrained, unconstrained, sites, metadata)
+    files = {}
+    draws_bytes = to_parquet_bytes(combined)
+    root.write_bytes("combined/draws.parquet", draws_bytes)
+    files["draws.parquet"] = len(draws_bytes)
+
+    if spec.combine["groupParameters"] == "resample":
+        for k in range(spec.shards):
+            resample_shard(spec, out_uri, base, k, data_uri, stats_uri, combined=combined)
+
+    report = agreement(packed, values, unconstrained_names(layout), list(range(spec.shards)))
+    agreement_bytes = json.dumps(report, indent=1).encode()
+    root.write_bytes("combined/agreement.json", agreement_bytes)
+    files["agreement.json"] = len(agreement_bytes)
+
+    parameters = global_summary(constrained)
+    globals_ = list(parameters)
+    for k, shard in enumerate(shards):
+        arrays, labels = _group_draws(root, spec, k, shard)
+        parameters.update(group_summary(arrays, labels, k))
+    reports = [shard_report(root, k) for k in range(spec.shards)]
+    warnings = list(report["warnings"])
+    for r in reports:
+        if r.get("rhatMax") is not None and r["rhatMax"] > WARN_RHAT:
+            warnings.append(f"shard {r['shard']}: R-hat {r['rhatMax']:.3f} > {WARN_RHAT}")
+        if r.get("divergences"):
+            warnings.append(f"shard {r['shard']}: {r['divergences']} divergent transitions")
+    chains, draws = values.shape[:2]
+    summary = {
+        "method": spec.combine["method"],
+        "groupParameters": spec.combine["groupParameters"],
+        "shards": spec.shards,
+        "chains": chains,
+        "draws": chains * draws,
+        "globals": globals_,
+        "parameters": parameters,
+        "warnings": warnings,
+        "shard_diagnostics": reports,
+    }
+    summary_bytes = json.dumps(summary, indent=1, allow_nan=True).encode()
+    root.write_bytes("combined/summary.json", summary_bytes)
+    files["summary.json"] = len(summary_bytes)
+    success = {
+        "fingerprint": fingerprint,
+        "combine": spec.combine,
+        "files": files,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    root.write_bytes(f"combined/{SUCCESS}", json.dumps(success, indent=1).encode())
+    return termination_message(combined_uri, {k: parameters[k] for k in globals_})

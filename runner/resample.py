@@ -1,0 +1,172 @@
+"""Group-level parameters given the combined global draws (the two-stage step).
+
+Combination only concerns the global parameters θ. Every group g lives in exactly one shard k, so
+its parameters α_g never need averaging; what they need is to be drawn *given the combined θ*
+rather than given shard k's own (√K times wider) θ. Two-stage schemes for hierarchical models
+(Bumbaca, Misra & Rossi 2020, "Scalable target marketing: distributed MCMC for Bayesian
+hierarchical models") do this in a second pass over each shard.
+
+Why it is exact. Shard k samples p_k(θ, α_k) ∝ p(θ)^(1/K) Π_{g∈k} p(α_g | θ) p(y_g | α_g, θ).
+Conditional on θ, the tempered factor p(θ)^(1/K) is a constant, so
+
+    p_k(α_k | θ) ∝ Π_{g∈k} p(α_g | θ) p(y_g | α_g, θ) ∝ p(α_k | θ, y),
+
+the same conditional as under the full posterior (the full posterior's other factors involve θ and
+other shards' groups only). Hence if θ_s is a draw from the full posterior p(θ | y) and
+α_{k,s} ~ p(α_k | θ_s, y_k) for every k, then (θ_s, α_{1,s}, …, α_{K,s}) is a draw from the full
+joint posterior: the combination's error in θ is the only approximation left, and each shard can
+do its part on its own (in parallel, like sampling).
+
+Algorithm, for one shard with combined draws θ_1..θ_N:
+1. Adapt once: NUTS (runner.sampling.run_nuts) on the model conditioned on a central combined draw
+   θ* (numpyro.handlers.condition), with its usual warmup. This gives a step size ε, a diagonal
+   inverse mass matrix (the variance of its draws, in the unconstrained space NUTS moves in) and a
+   pool of draws from p(α_k | θ*, y_k).
+2. For every combined draw θ_s, in one vectorised program: start at a pool draw and take T NUTS
+   transitions (NumPyro's NUTS kernel, `numpyro.infer.hmc.hmc`, with ε and the mass matrix fixed)
+   whose target is p(α_k | θ_s, y_k), the model conditioned on θ_s. Every transition leaves that
+   conditional invariant, and the chain starts from p(α_k | θ*, y_k), which differs from it only
+   by how far θ_s sits from θ* within the (narrow) combined posterior, so a few transitions
+   forget the start; the last state is the draw α_{k,s}.
+3. Constrained values and deterministic sites (e.g. the centred α of a non-centred model) come from
+   running the model with θ_s and α_{k,s} substituted (numpyro.infer.util.constrain_fn).
+The draws keep the combined draws' (chain, draw) layout, so draw s of every shard belongs with
+combined draw s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax, random
+from jax.flatten_util import ravel_pytree
+from numpyro import handlers
+from numpyro.infer.hmc import hmc
+from numpyro.infer.util import constrain_fn, potential_energy
+
+from .sampling import SamplerSettings, run_nuts
+
+TRANSITIONS = 20  # T: NUTS transitions per combined draw
+POOL = 200  # draws from p(α | θ*, y) kept from the adaptation run
+
+
+@dataclass(frozen=True)
+class Resampled:
+    """Group-level draws given the combined θ, shaped (chains, draws, ...) like the combined draws."""
+
+    latent: dict[str, np.ndarray]  # constrained values of the group-level latent sites
+    deterministic: dict[str, np.ndarray]  # deterministic sites that are not global
+    accept_prob: float  # mean acceptance probability of the T transitions
+    step_size: float
+    seconds: dict[str, float]
+
+
+def central_draw(theta: dict[str, np.ndarray]) -> int:
+    """Index of the flat draw nearest the mean (standardised): a real draw, so inside the support."""
+    n = next(iter(theta.values())).shape[0]
+    distance = np.zeros(n)
+    for values in theta.values():
+        flat = values.reshape(n, -1)
+        sd = flat.std(axis=0)
+        sd[sd == 0] = 1.0
+        distance += np.sum(((flat - flat.mean(axis=0)) / sd) ** 2, axis=1)
+    return int(np.argmin(distance))
+
+
+def resample_groups(
+    model: Callable,
+    arguments: dict[str, Any],
+    theta: dict[str, np.ndarray],
+    settings: SamplerSettings,
+    transitions: int = TRANSITIONS,
+    batch: int = 1000,
+) -> Resampled:
+    """Draw every group-level site of one shard given each combined global draw (module docstring).
+
+    theta: constrained combined draws of the global latent sites, shaped (chains, draws, ...).
+    settings: warmup, tree depth, target acceptance and seed for the adaptation run.
+    """
+    import time
+
+    started = time.perf_counter()
+    chains, draws = next(iter(theta.values())).shape[:2]
+    n = chains * draws
+    flat_theta = {name: np.asarray(v).reshape((n,) + v.shape[2:]) for name, v in theta.items()}
+    centre = {name: v[central_draw(flat_theta)] for name, v in flat_theta.items()}
+
+    # 1. adapt once, at a central combined draw
+    pool_settings = SamplerSettings(
+        warmup=settings.warmup,
+        samples=POOL,
+        chains=1,
+        seed=settings.seed,
+        target_accept_prob=settings.target_accept_prob,
+        max_tree_depth=settings.max_tree_depth,
+    )
+    adapted = run_nuts(handlers.condition(model, data=centre), arguments, pool_settings)
+    pool = {name: value[0] for name, value in adapted.unconstrained.items()}  # (POOL, ...)
+    step_size = float(adapted.step_size[0])
+    _, unravel = ravel_pytree({name: value[0] for name, value in pool.items()})
+    flat_pool = jax.vmap(lambda z: ravel_pytree(z)[0])(pool)
+    inverse_mass = jnp.clip(jnp.var(flat_pool, axis=0), 1e-12, None)
+    adapted_at = time.perf_counter()
+
+    # 2. T transitions per combined draw, vectorised over draws
+    def potential_given(values):
+        conditioned = handlers.condition(model, data=values)
+        return lambda z: potential_energy(conditioned, (), arguments, z)
+
+    init_kernel, sample_kernel = hmc(potential_fn_gen=potential_given, algo="NUTS")
+
+    def one(values, start, key):
+        state = init_kernel(
+            start,
+            num_warmup=0,
+            step_size=step_size,
+            inverse_mass_matrix=inverse_mass,
+            adapt_step_size=False,
+            adapt_mass_matrix=False,
+            max_tree_depth=settings.max_tree_depth,
+            model_args=(values,),
+            rng_key=key,
+        )
+
+        def transition(s, _):
+            s = sample_kernel(s, model_args=(values,))
+            return s, s.accept_prob
+
+        state, accept = lax.scan(transition, state, None, length=transitions)
+        constrained = constrain_fn(
+            handlers.condition(model, data=values), (), arguments, state.z, return_deterministic=True
+        )
+        return constrained, accept.mean()
+
+    program = jax.jit(jax.vmap(one))
+    keys = random.split(random.PRNGKey(settings.seed + 1), n)
+    starts = jax.tree.map(lambda v: v[np.arange(n) % len(flat_pool)], pool)
+    outputs, accepts = [], []
+    for begin in range(0, n, batch):
+        part = slice(begin, min(n, begin + batch))
+        # pad the last batch to the batch size so the program compiles once
+        index = np.arange(part.start, part.start + batch) % n
+        values = {name: jnp.asarray(v[index]) for name, v in flat_theta.items()}
+        start = jax.tree.map(lambda v: v[index], starts)
+        result, accept = program(values, start, keys[index])
+        size = part.stop - part.start
+        outputs.append(jax.tree.map(lambda v: np.asarray(v)[:size], result))
+        accepts.append(np.asarray(accept)[:size])
+    del unravel
+    merged = {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
+    latent_names = set(pool)
+    shaped = {name: v.reshape((chains, draws) + v.shape[1:]) for name, v in merged.items() if name not in theta}
+    return Resampled(
+        latent={name: v for name, v in shaped.items() if name in latent_names},
+        deterministic={name: v for name, v in shaped.items() if name not in latent_names},
+        accept_prob=float(np.concatenate(accepts).mean()),
+        step_size=step_size,
+        seconds={"adapt": adapted_at - started, "resample": time.perf_counter() - adapted_at},
+    )
