@@ -3,7 +3,7 @@
 Pure functions of their arguments, so every partition worker that computes them from the same
 group counts gets the same answer (docs/contract.md, partition step).
 
-Groups: every group key is hashed with the fit's seed (keyed BLAKE2b, 64 bits). Groups are then
+Groups: every group key is hashed with the fit's seed (64 bits, `key_hashes`). Groups are then
 placed largest first, ties in hash order, each into the shard with the fewest rows so far (ties:
 lowest shard index): greedy longest-processing-time. Which groups share a shard is decided by the
 seeded hash; the greedy placement bounds the spread of shard row counts by the size of the largest
@@ -19,31 +19,61 @@ differ by at most one row, and neighbouring rows of a sorted input are spread ov
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
 
 
-def _key_bytes(key) -> bytes:
-    if isinstance(key, bytes):
-        return key
-    if isinstance(key, bool):
-        return b"true" if key else b"false"
-    return str(key).encode()
+FNV_PRIME = np.uint64(0x100000001B3)
 
 
-def group_hashes(keys: Iterable, seed: int) -> np.ndarray:
-    """A seeded 64-bit hash of every group key (strings, integers or anything with a str())."""
-    salt = f"consensusfit:{int(seed)}".encode()
-    return np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(_key_bytes(key), digest_size=8, key=salt).digest(), "little")
-            for key in keys
-        ),
-        dtype=np.uint64,
-    )
+def _as_strings(keys) -> pa.Array:
+    """Group keys as one Arrow string array (numbers and other types by their text)."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if not isinstance(keys, pa.Array):
+        keys = pa.array(keys)
+    if pa.types.is_dictionary(keys.type):
+        keys = keys.dictionary_decode()
+    if pa.types.is_large_string(keys.type) or pa.types.is_string_view(keys.type):
+        keys = keys.cast(pa.string())
+    if pa.types.is_binary(keys.type) or pa.types.is_large_binary(keys.type):
+        keys = keys.cast(pa.binary())
+    elif not pa.types.is_string(keys.type):
+        keys = keys.cast(pa.string())
+    return keys
+
+
+def key_hashes(keys, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash of every key (an Arrow array or a list), vectorised in NumPy.
+
+    FNV-1a over the key's UTF-8 bytes, started from a seed-dependent basis and finished with
+    SplitMix64's mixer: the same key and seed give the same hash on every machine and version.
+    Work is proportional to the total length of the keys.
+    """
+    keys = _as_strings(keys)
+    count = len(keys)
+    if keys.null_count:
+        raise ValueError("group keys must not be missing")
+    buffers = keys.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32)[keys.offset : keys.offset + count + 1].astype(np.int64)
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    with np.errstate(over="ignore"):
+        basis = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) ^ np.uint64(0xCBF29CE484222325))
+        hashes = np.full(count, basis[0], dtype=np.uint64)
+        active = np.flatnonzero(lengths > 0)
+        position = 0
+        while len(active):
+            byte = data[starts[active] + position].astype(np.uint64)
+            hashes[active] = (hashes[active] ^ byte) * FNV_PRIME
+            position += 1
+            active = active[lengths[active] > position]
+        return _mix64(hashes ^ lengths.astype(np.uint64))
+
+
+group_hashes = key_hashes
 
 
 def assign_groups(counts: np.ndarray, hashes: np.ndarray, shards: int) -> np.ndarray:
@@ -54,12 +84,15 @@ def assign_groups(counts: np.ndarray, hashes: np.ndarray, shards: int) -> np.nda
         raise ValueError("counts and hashes must have the same length")
     order = np.lexsort((hashes, -counts))  # last key is primary: largest count, then hash
     loads = [(0, shard) for shard in range(shards)]  # already a heap
-    sorted_counts = counts[order].tolist()
     placed = np.empty(len(counts), dtype=np.int32)
-    for position, size in enumerate(sorted_counts):
-        load, shard = loads[0]
-        placed[position] = shard
-        heapq.heapreplace(loads, (load + size, shard))
+    chunk = 1 << 16  # Python integers for a chunk at a time: bounded memory for millions of groups
+    for begin in range(0, len(order), chunk):
+        chosen = []
+        for size in counts[order[begin : begin + chunk]].tolist():
+            load, shard = loads[0]
+            chosen.append(shard)
+            heapq.heapreplace(loads, (load + size, shard))
+        placed[begin : begin + len(chosen)] = chosen
     assignment = np.empty(len(counts), dtype=np.int32)
     assignment[order] = placed
     return assignment

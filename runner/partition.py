@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 from . import balance
 from .colstats import ColumnStats, final, is_numeric_type, merge_partial
 from .errors import BadInput, TransientError
+from .groupcount import ExactCounter, HashCollision, HashCounter
 from .sources import InputFile, list_inputs, open_parquet
 from .storage import NotFound, Store, open_store
 
@@ -59,7 +60,9 @@ MANIFEST = "partition/manifest.json"
 WORKERS = "partition/workers"
 PART = re.compile(r"^partition/shard=(\d+)/part-(\d+)\.parquet$")
 DEFAULT_MEMORY_MB = 512
+BATCH_ROWS = 1 << 17  # rows read at a time: larger batches cost memory in the Parquet reader
 MAX_BATCH_ROWS = 1 << 20
+HASH_COUNT = True  # count groups by hash (False: by key, as after a collision; for tests)
 
 
 def _no_log(message: str) -> None:
@@ -75,8 +78,10 @@ class Plan:
     groups: int
     per_shard_rows: np.ndarray
     per_shard_groups: np.ndarray
-    keys: pa.Array | None = None  # group keys (layout "groups")
+    keys: pa.Array | None = None  # group keys (layout "groups"), for lookups by key
     key_shards: np.ndarray | None = None  # shard of every key
+    sorted_hashes: np.ndarray | None = None  # the keys' seeded hashes, sorted, when all distinct
+    sorted_shards: np.ndarray | None = None  # the shard of each of those
     mine_per_shard_rows: np.ndarray | None = None  # this worker's rows per shard (estimate ok)
 
 
@@ -133,6 +138,7 @@ def partition(
     inputs = _inspect_inputs(spec.data["uri"], needed, numeric)
     log(f"partition: {len(inputs.files)} file(s), {sum(inputs.rows)} rows")
     plan = _plan(spec, inputs, worker, workers)
+    pa.default_memory_pool().release_unused()  # the counting's memory, before buffering rows
     log(f"partition: plan ({plan.layout}) ready after {time.monotonic() - started:.1f}s")
 
     marker = f"{WORKERS}/{worker}.json"
@@ -298,16 +304,14 @@ def _plan(spec, inputs: Inputs, worker: int, workers: int) -> Plan:
         per_shard_groups = np.zeros(shards, dtype=np.int64)
         groups = 0
         if group:
-            counts = _count_groups(inputs, group, with_shard=True)
-            by_key = counts.group_by("key").aggregate([("shard", "count_distinct")])
-            split = int(pc.sum(pc.greater(by_key.column("shard_count_distinct"), 1)).as_py() or 0)
-            if split:
+            counted, _ = _count_groups(inputs, group, seed, sharded=True)
+            if counted.split:
                 raise BadInput(
-                    f"{inputs.uri}: the data is already sharded, but {split} group(s) of column "
+                    f"{inputs.uri}: the data is already sharded, but {counted.split} group(s) of column "
                     f"{group} appear in more than one shard"
                 )
-            groups = counts.num_rows
-            per_shard_groups = np.bincount(counts.column("shard").to_numpy(), minlength=shards)
+            groups = len(counted.keys)
+            per_shard_groups = np.bincount(counted.shards, minlength=shards)
         empty = np.flatnonzero(per_shard_rows == 0)
         if len(empty):
             raise BadInput(f"{inputs.uri}: {len(empty)} shard(s) of the already-sharded data are empty (shard={empty[0]})")
@@ -318,71 +322,65 @@ def _plan(spec, inputs: Inputs, worker: int, workers: int) -> Plan:
         per_shard_rows = balance.row_totals(total, shards, seed)
         estimate = np.full(shards, -(-own_rows // shards), dtype=np.int64)
         return Plan("rows", total, 0, per_shard_rows, np.zeros(shards, dtype=np.int64), mine_per_shard_rows=estimate)
-    counts, own_counts = _count_groups(inputs, group, with_shard=False, mine=mine)
-    keys = counts.column("key").combine_chunks()
-    if len(keys) < shards:
-        raise BadInput(f"{inputs.uri}: column {group} has {len(keys)} group(s), fewer than spec.shards = {shards}")
-    sizes = counts.column("count").to_numpy()
-    hashes = balance.group_hashes(keys.to_pylist(), seed)
-    key_shards = balance.assign_groups(sizes, hashes, shards)
-    per_shard_rows, per_shard_groups = balance.shard_totals(key_shards, sizes, shards)
-    own_keys = own_counts.column("key").combine_chunks()
-    own_shards = key_shards[pc.index_in(own_keys, value_set=keys).to_numpy(zero_copy_only=False)]
-    mine_rows = np.bincount(
-        own_shards, weights=own_counts.column("count").to_numpy().astype(np.float64), minlength=shards
+    counted, own = _count_groups(inputs, group, seed, sharded=False, mine=mine)
+    if len(counted.keys) < shards:
+        raise BadInput(
+            f"{inputs.uri}: column {group} has {len(counted.keys)} group(s), fewer than spec.shards = {shards}"
+        )
+    hashes = counted.hashes if counted.hashes is not None else balance.key_hashes(counted.keys, seed)
+    key_shards = balance.assign_groups(counted.counts, hashes, shards)
+    per_shard_rows, per_shard_groups = balance.shard_totals(key_shards, counted.counts, shards)
+    plan = Plan("groups", total, len(counted.keys), per_shard_rows, per_shard_groups)
+    if counted.hashes is not None:
+        # Sorted, distinct hashes: a row finds its shard by binary search on its key's hash.
+        plan.sorted_hashes, plan.sorted_shards = counted.hashes, key_shards
+    else:  # after a hash collision: look keys up by value
+        plan.keys, plan.key_shards = counted.keys, key_shards
+    own_shards = key_shards if own is counted else _lookup(plan, own.keys, seed)
+    plan.mine_per_shard_rows = np.bincount(
+        own_shards, weights=own.counts.astype(np.float64), minlength=shards
     ).astype(np.int64)
-    return Plan("groups", total, len(keys), per_shard_rows, per_shard_groups, keys, key_shards, mine_rows)
+    return plan
 
 
-def _count_groups(inputs: Inputs, group: str, with_shard: bool, mine=None):
-    """Rows per group over all files (and over this worker's files when `mine` is given)."""
+def _lookup(plan: Plan, keys: pa.Array, seed: int) -> np.ndarray:
+    """The shard of every key (all of them keys of the plan)."""
+    if plan.sorted_hashes is not None:
+        return plan.sorted_shards[np.searchsorted(plan.sorted_hashes, balance.key_hashes(keys, seed))]
+    return plan.key_shards[pc.index_in(keys, value_set=plan.keys).to_numpy(zero_copy_only=False)]
+
+
+def _count_groups(inputs: Inputs, group: str, seed: int, sharded: bool, mine=None):
+    """Rows per group over all files, and over this worker's files (`mine`; None: all files).
+
+    Counts by hash (runner/groupcount.py); after a hash collision, counts again by key.
+    """
+    try:
+        return _count_with(HashCounter if HASH_COUNT else ExactCounter, inputs, group, seed, sharded, mine)
+    except HashCollision:
+        return _count_with(ExactCounter, inputs, group, seed, sharded, mine)
+
+
+def _count_with(counter, inputs: Inputs, group: str, seed: int, sharded: bool, mine):
     kind = inputs.schema.field(group).type
-    aggregate_keys = ["key", "shard"] if with_shard else ["key"]
-
-    def consolidate(tables: list[pa.Table]) -> list[pa.Table]:
-        if len(tables) <= 1:
-            return tables
-        merged = pa.concat_tables(tables).group_by(aggregate_keys).aggregate([("count", "sum")])
-        return [tidy(merged, "count_sum")]
-
-    def tidy(table: pa.Table, counted: str) -> pa.Table:
-        return pa.table({**{name: table.column(name) for name in aggregate_keys}, "count": table.column(counted)})
-
-    everything: list[pa.Table] = []
-    own: list[pa.Table] = []
-    pending = 0
+    everything = counter(seed, kind, sharded)
+    separate = mine is not None and not all(mine)
+    own = counter(seed, kind, sharded) if separate else everything
     nulls = 0
     for index, file in enumerate(inputs.files):
-        per_file: list[pa.Table] = []
         parquet = open_parquet(file.uri)
-        for batch in _read_batches(parquet, file, [group], pa.schema([pa.field(group, kind)]), MAX_BATCH_ROWS):
+        for batch in _read_batches(parquet, file, [group], pa.schema([pa.field(group, kind)]), BATCH_ROWS):
             column = batch.column(0)
             if column.null_count:
                 nulls += column.null_count
                 column = column.drop_null()
-            table = pa.table({"key": column})
-            if with_shard:
-                table = table.append_column("shard", pa.array(np.full(len(column), file.shard, dtype=np.int64)))
-            counted = table.group_by(aggregate_keys).aggregate([([], "count_all")])
-            per_file.append(tidy(counted, "count_all"))
-        per_file = consolidate(per_file)
-        everything.extend(per_file)
-        if mine is not None and mine[index]:
-            own.extend(per_file)
-            own = consolidate(own) if len(own) > 16 else own
-        pending += sum(table.num_rows for table in per_file)
-        if len(everything) > 16 or pending > 4 * MAX_BATCH_ROWS:
-            everything = consolidate(everything)
-            pending = everything[0].num_rows
+            everything.add(column, file.shard)
+            if separate and mine[index]:
+                own.add(column, file.shard)
     if nulls:
         raise BadInput(f"{inputs.uri}: column {group} has {nulls} missing value(s) of {sum(inputs.rows)} rows")
-    empty = pa.table({"key": pa.array([], kind), **({"shard": pa.array([], pa.int64())} if with_shard else {}),
-                      "count": pa.array([], pa.int64())})
-    everything = consolidate(everything) or [empty]
-    if mine is None:
-        return everything[0]
-    own = consolidate(own) or [empty]
-    return everything[0], own[0]
+    counted = everything.result()
+    return counted, (own.result() if separate else counted)
 
 
 def _plan_summary(spec, inputs: Inputs, plan: Plan) -> dict:
@@ -427,8 +425,7 @@ def _shards_of(plan: Plan, spec, file: InputFile, start: int, batch: pa.RecordBa
         return np.full(batch.num_rows, file.shard, dtype=np.int32)
     if plan.layout == "rows":
         return balance.row_shards(start, batch.num_rows, spec.shards, int(spec.sampler["seed"]))
-    index = pc.index_in(batch.column(spec.group_column), value_set=plan.keys)
-    return plan.key_shards[index.to_numpy(zero_copy_only=False)]
+    return _lookup(plan, batch.column(spec.group_column), int(spec.sampler["seed"]))
 
 
 def _shard_ranges(rows: np.ndarray, bytes_per_row: float, budget: int) -> list[tuple[int, int]]:
@@ -455,7 +452,8 @@ def _write_shards(spec, out: Store, inputs: Inputs, plan: Plan, own: list[int], 
     if not own:
         return {name: value.to_partial() for name, value in stats.items()}, written
     bytes_per_row = _bytes_per_row(inputs, own[0])
-    batch_rows = int(min(MAX_BATCH_ROWS, max(1 << 16, budget // (8 * bytes_per_row))))
+    # Enough rows per batch that every shard gets a slice of some size, no more than memory allows.
+    batch_rows = int(min(MAX_BATCH_ROWS, max(BATCH_ROWS, 64 * shards), max(1 << 12, budget // (8 * bytes_per_row))))
     ranges = _shard_ranges(plan.mine_per_shard_rows, bytes_per_row, budget)
     if len(ranges) > 1:
         log(f"partition: {len(ranges)} reads of the input to stay within {budget / 2**20:.0f} MiB")

@@ -449,3 +449,47 @@ def test_partition_from_and_to_s3_equals_local(data, tmp_path, s3_bucket):
     single = make_spec(f"{s3_bucket}/osic/part-000.parquet", shards=2)
     message = partition(single, f"{s3_bucket}/fits/default/one/uid-2", COLUMNS, NUMERIC)
     assert message["rows"] == pq.read_metadata(folder / "part-000.parquet").num_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# counting groups by hash, and the exact fallback after a collision
+
+
+def test_a_hash_collision_is_detected_and_counting_falls_back_to_keys(data, tmp_path, monkeypatch):
+    from consensusfit.runner import groupcount
+
+    _, folder = data
+    spec = make_spec(folder, shards=4)
+    partition(spec, str(tmp_path / "by-hash"), COLUMNS, NUMERIC)
+    counter = groupcount.HashCounter(0, pa.string())
+    monkeypatch.setattr(groupcount, "key_hashes", lambda keys, seed: np.zeros(len(keys), np.uint64))
+    with pytest.raises(groupcount.HashCollision):
+        counter.add(pa.array(["a", "b"]))
+    partition(spec, str(tmp_path / "by-key"), COLUMNS, NUMERIC)  # every key collides: falls back
+    for left, right in zip(shards_of(tmp_path / "by-hash", 4), shards_of(tmp_path / "by-key", 4)):
+        assert left.equals(right)
+    assert manifest_of(tmp_path / "by-hash")["per_shard"] == manifest_of(tmp_path / "by-key")["per_shard"]
+
+
+def test_integer_group_keys(tmp_path):
+    table = seed_like(patients=50)
+    codes = pc.cast(pc.utf8_slice_codeunits(table.column("Patient"), 2), pa.int64())
+    table = table.set_column(0, "Patient", codes)
+    spec = make_spec(write_files(table, tmp_path / "data"), shards=3)
+    assert partition(spec, str(tmp_path / "fit"), COLUMNS, NUMERIC)["groups"] == 50
+    seen = [set(shard.column("Patient").to_pylist()) for shard in shards_of(tmp_path / "fit", 3)]
+    assert sum(len(groups) for groups in seen) == 50 and not (seen[0] & seen[1] or seen[1] & seen[2])
+
+
+def test_key_hashes_are_seeded_stable_and_slice_safe():
+    keys = pa.array(["ID1", "ID2", "", "ID1"])
+    hashes = balance.key_hashes(keys, 0)
+    assert hashes[0] == hashes[3] and len(set(hashes.tolist())) == 3
+    assert (balance.key_hashes(keys.slice(1), 0) == hashes[1:]).all()
+    assert (balance.key_hashes(keys, 1) != hashes).all()
+    assert (balance.key_hashes([7, 8], 0) == balance.key_hashes(["7", "8"], 0)).all()
+    # the assignment of a fixed key set never changes between versions without notice
+    assert int(balance.key_hashes(["ID00000001"], 0)[0]) == EXPECTED_HASH
+
+
+EXPECTED_HASH = 5562312148637245620
