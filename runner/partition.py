@@ -406,6 +406,8 @@ def _read_batches(
     size = 0
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
+            if batch.num_rows == 0:
+                continue
             batch = batch.select(columns).cast(schema)
             pending.append(batch)
             size += batch.num_rows

@@ -493,3 +493,15 @@ def test_key_hashes_are_seeded_stable_and_slice_safe():
 
 
 EXPECTED_HASH = 5562312148637245620
+
+
+def test_empty_files_and_dictionary_columns_are_read(tmp_path):
+    table = seed_like(patients=60)
+    folder = write_files(table, tmp_path / "data", files=2)
+    pq.write_table(table.slice(0, 0), folder / "part-000-empty.parquet")
+    dictionary = table.set_column(0, "Patient", table.column("Patient").dictionary_encode())
+    pq.write_table(dictionary.slice(0, 10), folder / "part-999.parquet")  # same rows again, categorical
+    spec = make_spec(folder, shards=3)
+    message = partition(spec, str(tmp_path / "fit"), COLUMNS + ("Sex",), NUMERIC)
+    assert message == {"ok": True, "rows": table.num_rows + 10, "groups": 60}
+    assert manifest_of(tmp_path / "fit")["stats"]["Sex"] == {"levels": ["Female", "Male"]}
