@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import math
 
-RHAT_LIMIT = 1.01
-
-
 def _number(value: float) -> str:
     if value is None or not math.isfinite(value):
         return "-"
@@ -22,19 +19,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
         cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(cells, widths))
     )
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])
-
-
-def convergence_warnings(diagnostics: list[dict]) -> list[str]:
-    """One line per shard that did not converge: R-hat, divergences."""
-    warnings = []
-    for shard in diagnostics:
-        bad = {name: p["rhat"] for name, p in shard["parameters"].items() if not p["rhat"] <= RHAT_LIMIT}
-        if bad:
-            listed = ", ".join(f"{name} {value:.3f}" for name, value in bad.items())
-            warnings.append(f"shard {shard['shard']}: R-hat above {RHAT_LIMIT}: {listed}")
-        if shard["divergences"]:
-            warnings.append(f"shard {shard['shard']}: {shard['divergences']} divergent transitions")
-    return warnings
 
 
 def fit_report(summary: dict, diagnostics: list[dict], reference: dict | None) -> str:
@@ -59,9 +43,8 @@ def fit_report(summary: dict, diagnostics: list[dict], reference: dict | None) -
             ]
         rows.append(row)
     text = _table(header, rows)
-    warnings = convergence_warnings(diagnostics) + [
-        f"agreement: {warning}" for warning in summary.get("warnings", [])
-    ]
+    # The combiner's warnings: shards that did not converge and shards that disagree.
+    warnings = summary.get("warnings", [])
     if warnings:
         text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in warnings)
     return text
