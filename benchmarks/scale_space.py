@@ -1,0 +1,138 @@
+"""Experiment: temper and combine positive global parameters (scales) on their own scale.
+
+Diagnosis (benchmarks/shard_shapes.py): with few groups per shard, a shard cannot rule out
+σ_β = 0, and its posterior of log σ_β grows a tail towards −∞. The tail is the tempered prior's:
+NUTS moves in u = log σ, where the prior density including its Jacobian is p(σ)·σ, and raised to
+1/K it decays like e^{u/K} as u → −∞ — hardly at all for K = 20. When σ_β → 0 all slopes
+equal μ_β, so μ_β's posterior in that shard becomes spuriously narrow, and precision weighting
+lets those shards dominate μ_β.
+
+The product Π_k p_k is the full posterior in whichever space the shards were tempered in. In u
+space the K tempered priors must share the Jacobian σ = e^u, so each gets e^{u/K}: the tail is
+unavoidable there. In σ space the prior density p(σ) is finite at 0 and p(σ)^{1/K} is flat
+there: no shard can escape to σ → 0 unless its data demand it. So: temper a positive site's own
+density but not its Jacobian (the shard density is then p(σ)^{1/K} L_k(σ) in σ space; NUTS
+still moves in log σ, where it now has a light e^{u} tail) and combine that site's *constrained*
+draws. This pairing is exact (DESIGN.md's |J|^(K−1) bias arises only if such shards are combined
+in u space). Other sites stay as they are (tempered with Jacobian, combined in u).
+
+    .venv/bin/python benchmarks/scale_space.py --data small --shards 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+from numpyro.distributions import constraints  # noqa: E402
+from numpyro.primitives import Messenger  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from consensusfit.runner import combiner  # noqa: E402
+from consensusfit.runner.combine import METHODS, combine  # noqa: E402
+from consensusfit.runner.sampling import SamplerSettings, run_nuts  # noqa: E402
+from consensusfit.runner.shard import shard_seed  # noqa: E402
+from consensusfit.runner.spec import parse  # noqa: E402
+from consensusfit.runner.tempering import temper  # noqa: E402
+
+RUNS = REPO / "consensusfit-runs" / "accuracy"
+GLOBALS = ("μ_α", "σ_α", "μ_β", "σ_β", "σ")
+
+
+class temper_density(Messenger):
+    """Scale the named sites' own log density by `scale`, not the Jacobian NumPyro adds for them."""
+
+    def __init__(self, fn, sites, scale):
+        self.sites, self.scale = sites, scale
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.sites:
+            msg["scale"] = self.scale if msg["scale"] is None else msg["scale"] * self.scale
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="small")
+    parser.add_argument("--shards", type=int, default=20)
+    parser.add_argument("--run", default="w500-s1000-c2")
+    args = parser.parse_args()
+    root = RUNS / args.data / f"K{args.shards}-{args.run}"
+
+    def draws_of(path):
+        warmup, samples, chains = map(int, path.stem.split("-")[1:])
+        return samples * chains
+
+    reference = json.loads(max((RUNS / args.data).glob("reference-*.json"), key=draws_of).read_text())
+    sampler = dict(zip(("warmup", "samples", "chains"), (int(x[1:]) for x in args.run.split("-"))), seed=0)
+    spec = parse(
+        {
+            "data": {"uri": str(root / "partition"), "groupColumn": "Patient"},
+            "shards": args.shards,
+            "model": {"python": {"uri": str(REPO / "examples" / "fvc_model.py"), "function": "model"}},
+            "sampler": sampler,
+            "combine": {"method": "consensus", "groupParameters": "keep"},
+        }
+    )
+    store = combiner.open_store(str(root))
+    layout = combiner.global_layout([combiner.read_shard(store, spec, 0)])
+    names = list(layout)
+    model0 = combiner.shard_model(spec, str(root), str(REPO), 0, None, None)
+    transforms = combiner.bijections(model0, layout)
+    positive = [n for n in names if transforms[n].codomain is constraints.positive]
+    others = [n for n in names if n not in positive]
+    print(f"tempered and combined on their own scale: {positive}; in u space: {others}")
+
+    shards, started, health = [], time.perf_counter(), []
+    for k in range(spec.shards):
+        cache = root / "scale-space" / f"{k}.npz"
+        if not cache.exists():
+            model = combiner.shard_model(spec, str(root), str(REPO), k, None, None)
+            fn = temper_density(temper(model.fn, frozenset(others), 1.0 / spec.shards), frozenset(positive), 1.0 / spec.shards)
+            settings = SamplerSettings(
+                warmup=sampler["warmup"], samples=sampler["samples"], chains=sampler["chains"],
+                seed=shard_seed(sampler["seed"], k),
+            )
+            samples = run_nuts(fn, model.arguments, settings)
+            values = {n: samples.constrained[n] if n in positive else samples.unconstrained[n] for n in names}
+            cache.parent.mkdir(exist_ok=True)
+            np.savez(cache, divergences=samples.diverging.sum(), **values)
+            print(f"  shard {k} done ({time.perf_counter() - started:.0f}s)", end="\r", flush=True)
+        data = np.load(cache)
+        health.append(int(data["divergences"]))
+        shards.append(np.concatenate([data[n].reshape(data[n].shape[:2] + (-1,)) for n in names], axis=-1))
+
+    print(f"\n{args.data}, K={spec.shards}: {sum(health)} divergences in all shards")
+    print("| method | " + " | ".join(GLOBALS) + " | max |err| | SD ratio range | negative draws |")
+    print("|---|" + "---|" * (len(GLOBALS) + 3))
+    rng = np.random.default_rng(0)
+    for method in METHODS:
+        values, _ = combine(method, shards, rng)
+        sites = combiner.unpack(values, layout)
+        constrained = {n: sites[n] if n in positive else np.asarray(transforms[n](sites[n])) for n in names}
+        negative = int(sum((constrained[n] <= 0).sum() for n in positive))
+        err = {p: (constrained[p].mean() - reference[p]["mean"]) / reference[p]["sd"] for p in GLOBALS}
+        ratio = {p: constrained[p].std() / reference[p]["sd"] for p in GLOBALS}
+        cells = [f"{err[p]:+.2f} / {ratio[p]:.2f}" for p in GLOBALS]
+        print(
+            f"| {method} | " + " | ".join(cells)
+            + f" | {max(abs(e) for e in err.values()):.2f} | {min(ratio.values()):.2f}–{max(ratio.values()):.2f} | {negative} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
