@@ -162,6 +162,25 @@ def command_demo(args) -> dict:
     return finish_run(run_fit(spec, args.workers, reference=True))
 
 
+def command_simulate(args) -> dict:
+    import pyarrow.parquet as pq
+
+    from .simulate import DATASETS
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    unknown = [name for name in args.names if name not in DATASETS]
+    if unknown:
+        raise BadInput(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    for name in args.names or list(DATASETS):
+        generate, relative = DATASETS[name]
+        target = Path(args.folder) / Path(relative).name if args.folder else examples / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        table = generate(seed=args.seed)
+        pq.write_table(table, target)
+        print(f"{name}: {table.num_rows} rows -> {target}")
+    return {"ok": True}
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog=Path(sys.argv[0]).name if sys.argv[0].startswith("consensusfit") else "consensusfit",
@@ -206,6 +225,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--patients", type=int, default=176, help="patients to simulate (default 176)")
     demo.add_argument("--workers", **workers)
     demo.set_defaults(handler=command_demo)
+
+    simulate = steps.add_parser("simulate", help="write the simulated data sets the examples read")
+    simulate.add_argument("names", nargs="*", help="osic, sleep, clicks, visits (default: all)")
+    simulate.add_argument("--folder", help="write here instead of examples/data/")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.set_defaults(handler=command_simulate)
     return top
 
 
