@@ -125,3 +125,19 @@ def test_a_bad_input_shard_stops_the_run_with_its_reason(tmp_path, capsys):
     pq.write_table(pa.table(table), tmp_path / "data.parquet")
     assert main(["run", str(path)]) == 3
     assert "column y has 1 NaN or infinite value(s)" in capsys.readouterr().err
+
+
+def test_run_with_data_and_results_on_s3(tmp_path, s3_bucket):
+    from consensusfit.runner.storage import open_store
+
+    path = small_fit(tmp_path, shards=2, samples=100)
+    open_store(f"{s3_bucket}/input").write_bytes("data.parquet", (tmp_path / "data.parquet").read_bytes())
+    fit = yaml.safe_load(path.read_text())
+    fit["spec"]["data"]["uri"] = f"{s3_bucket}/input/data.parquet"
+    fit["spec"]["output"]["uri"] = f"{s3_bucket}/runs"
+    path.write_text(yaml.safe_dump(fit))
+    assert main(["run", str(path), "--workers", "2"]) == 0
+    keys = open_store(f"{s3_bucket}/runs").list()
+    assert any(key.endswith("combined/summary.json") for key in keys)
+    assert any(key.endswith("report/posteriors.png") for key in keys)
+    assert sum(key.endswith("/_SUCCESS.json") and "/shards/" in key for key in keys) == 2
