@@ -20,6 +20,17 @@ whose shards all agree raises a warning on any of its K·D (shard, component) pa
 probability at most 1%. A warning means the shard's data tell a different story about θ than the
 others (a different population, a data problem, or a shard that did not converge), and the
 combination, which assumes one θ, should not be trusted blindly.
+
+Two more warnings catch what the distance cannot: every method here is exact only for Gaussian
+shard posteriors, and a badly non-Gaussian shard can pull the combination towards itself without
+sitting far from it.
+- share_kj = s_kj⁻² / Σ_l s_lj⁻², the shard's part of the combined (marginal) precision; about 1/K
+  when shards are alike. Warned when above min(1, 3/K) for K ≥ 4: one shard is far more certain
+  than its share of the data justifies. The typical cause is a hierarchical scale that collapses
+  towards 0 in a shard with few groups (then every group's parameter equals the mean, and the
+  mean's posterior becomes spuriously narrow); that shard then dominates the combination.
+- skewness_kj of the shard's draws: warned when |skewness| > 1 (a Gaussian has 0): the shard's
+  Gaussian approximation, which the weights rest on, is poor.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ import numpy as np
 from scipy.special import ndtri
 
 FALSE_ALARM = 0.01
+SHARE_FACTOR = 3.0
+SKEWNESS_LIMIT = 1.0
 
 
 def threshold(shards: int, components: int, false_alarm: float = FALSE_ALARM) -> float:
@@ -42,9 +55,13 @@ def agreement(
     mu, sigma = flat.mean(axis=0), flat.std(axis=0, ddof=1)
     limit = threshold(len(shard_draws), len(names))
     shards, warnings = [], []
-    for k, draws in zip(shard_ids, shard_draws):
-        x = draws.reshape(-1, draws.shape[-1])
+    flats = [d.reshape(-1, d.shape[-1]) for d in shard_draws]
+    precision = np.array([1 / f.var(axis=0, ddof=1) for f in flats])
+    shares = precision / precision.sum(axis=0)
+    share_limit = min(1.0, SHARE_FACTOR / len(flats)) if len(flats) >= 4 else 1.0
+    for index, (k, x) in enumerate(zip(shard_ids, flats)):
         m, s = x.mean(axis=0), x.std(axis=0, ddof=1)
+        skew = np.mean(((x - m) / x.std(axis=0)) ** 3, axis=0)
         parameters = {}
         for j, name in enumerate(names):
             gap = m[j] - mu[j]
@@ -57,7 +74,11 @@ def agreement(
                 "z": float(gap / sigma[j]),
                 "discrepancy": float(d),
                 "sd_ratio": float(s[j] / sigma[j]),
+                "share": float(shares[index, j]),
+                "skewness": float(skew[j]),
                 "warning": bool(abs(d) > limit),
+                "dominant": bool(shares[index, j] > share_limit),
+                "non_gaussian": bool(abs(skew[j]) > SKEWNESS_LIMIT),
             }
         flagged = [name for name, p in parameters.items() if p["warning"]]
         if flagged:
@@ -68,11 +89,31 @@ def agreement(
                 f"{abs(parameters[worst]['discrepancy']):.1f} times what its own spread explains; "
                 f"threshold {limit:.2f})"
             )
-        shards.append({"shard": k, "parameters": parameters, "warning": bool(flagged)})
+        dominant = [name for name, p in parameters.items() if p["dominant"]]
+        if dominant:
+            worst = max(dominant, key=lambda name: parameters[name]["share"])
+            warnings.append(
+                f"shard {k} carries {parameters[worst]['share']:.0%} of the combined precision on "
+                f"{', '.join(dominant)} (alike shards would carry {1 / len(flats):.0%}): its posterior is "
+                "narrower than its data justify (a collapsed group-level scale?) and dominates the combination"
+            )
+        skewed = [name for name, p in parameters.items() if p["non_gaussian"]]
+        if skewed:
+            worst = max(skewed, key=lambda name: abs(parameters[name]["skewness"]))
+            warnings.append(
+                f"shard {k}'s posterior is far from Gaussian on {', '.join(skewed)} (skewness "
+                f"{parameters[worst]['skewness']:+.1f} on {worst}): the combination, exact for Gaussian "
+                "shards, is unreliable there; use fewer, larger shards"
+            )
+        shards.append(
+            {"shard": k, "parameters": parameters, "warning": bool(flagged or dominant or skewed)}
+        )
     return {
         "definition": "z = (shard mean - combined mean) / combined sd; discrepancy = (shard mean - "
         "combined mean) / sqrt(shard sd^2 - combined sd^2), ~N(0,1) when shards agree; warning "
-        "when |discrepancy| > threshold (Bonferroni, 1% false alarms per fit); unconstrained space",
+        "when |discrepancy| > threshold (Bonferroni, 1% false alarms per fit); share = the shard's "
+        "part of the combined marginal precision, dominant when > 3/K; non_gaussian when "
+        "|skewness| > 1; unconstrained space",
         "threshold": limit,
         "space": "unconstrained",
         "shards": shards,

@@ -305,3 +305,23 @@ def test_end_to_end_sample_combine_resample_on_a_conjugate_model(tmp_path):
     summary = json.loads((root / "combined" / "summary.json").read_text())
     assert f"a[{groups[2][0][3]}]" in summary["parameters"]
     assert summary["shard_diagnostics"][0]["rows"] == len(tables[0][0])
+
+
+def test_agreement_flags_a_collapsed_shard_that_dominates_and_skewed_shards():
+    """The failure seen with few groups per shard: a shard whose group-level scale collapses has a
+    spuriously narrow posterior on the mean (it dominates the precision) and a skewed one on the
+    scale; neither sits far from the combination it dominates, so the distance alone misses it."""
+    from consensusfit.runner.agreement import agreement
+    from consensusfit.runner.combine import consensus
+
+    rng = np.random.default_rng(7)
+    shards = [rng.normal(0, 1, (2, 1000, 2)) for _ in range(10)]
+    shards[4][..., 0] = rng.normal(0.3, 0.15, (2, 1000))  # narrow: ~44x the precision of another
+    shards[6][..., 1] = -rng.exponential(1.0, (2, 1000))  # skewness -2
+    report = agreement(shards, consensus(shards), ["mu", "log_tau"], list(range(10)))
+    flagged = {s["shard"] for s in report["shards"] if s["warning"]}
+    assert flagged == {4, 6}
+    assert report["shards"][4]["parameters"]["mu"]["dominant"]
+    assert report["shards"][6]["parameters"]["log_tau"]["non_gaussian"]
+    assert any("shard 4 carries" in w and "mu" in w for w in report["warnings"])
+    assert any("shard 6's posterior is far from Gaussian on log_tau" in w for w in report["warnings"])
