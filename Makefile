@@ -10,11 +10,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[runner,operator,test]'
 	touch $(STAMP)
 
-.PHONY: setup demo test
+.PHONY: setup demo test tools
 setup: $(STAMP)
+
+# External tools the tests drive (helm, prometheus, promtool, lua5.4), installed once and cached
+# under $${XDG_CACHE_HOME:-~/.cache}/consensusfit; best effort: tests needing a missing tool skip.
+tools:
+	scripts/tools.sh install
 
 demo: $(STAMP)
 	$(BIN)/consensusfit demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q

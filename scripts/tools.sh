@@ -70,7 +70,9 @@ apt_install() {
   if ! apt-cache show "$package" >/dev/null 2>&1; then
     "${sudo[@]}" apt-get update -qq || true
   fi
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$package" >/dev/null \
+  local install=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package")
+  # A stale package list (files gone from the mirror) needs one update and a second try.
+  "${install[@]}" >/dev/null || { "${sudo[@]}" apt-get update -qq && "${install[@]}" >/dev/null; } \
     || { log "$command: apt-get install $package failed"; return 1; }
 }
 

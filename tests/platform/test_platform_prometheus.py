@@ -1,0 +1,254 @@
+"""Alert rules and dashboard against promtool and the operator's real metrics; a real Prometheus
+server scraping the operator's /metrics while the real handlers drive a fit (against kmock)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from platform_support import (ALERTS, ROOT, alert_rules, dashboard, dashboard_queries, exported_metric_names,
+                              promql_metric_names, tool)
+from prometheus_client import generate_latest, start_http_server
+
+from consensusfit.operator.metrics import Metrics
+
+sys.path.insert(0, str(ROOT / "tests" / "operator"))
+from cfit_support import COMBINE_REPORT, make_fit, shard_report  # noqa: E402
+from test_operator_kmock import FITS, Cluster, declare_resources, operator  # noqa: E402
+
+SCRAPE_JOB = "consensusfit-operator"
+
+
+def test_promtool_check_rules():
+    out = subprocess.run([tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 7 rules found" in out.stdout
+
+
+def test_promtool_unit_tests_fire_and_do_not_fire_every_alert():
+    tests = Path(__file__).with_name("alerts_test.yaml")
+    out = subprocess.run([tool("promtool"), "test", "rules", str(tests)], capture_output=True, text=True,
+                         cwd=tests.parent)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # Every alert is unit-tested both ways: with series that fire it and series that do not.
+    cases = yaml.safe_load(tests.read_text())["tests"]
+    fired, silent = set(), set()
+    for case in cases:
+        for check in case["alert_rule_test"]:
+            (fired if check["exp_alerts"] else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert fired == names
+    # R-hat and divergence cases include a converged fit that must not fire: exp_alerts lists only
+    # the bad one; the rest have explicit empty expectations.
+    assert silent | {"ConsensusFitRhatHigh", "ConsensusFitDivergences", "ConsensusFitShardRetriesSpiking"} >= names
+
+
+def test_promql_scanner():
+    expr = ('histogram_quantile(0.9, sum by (le, phase) (rate(a_bucket{namespace=~"$namespace", x="y{z}"}'
+            '[$__rate_interval]))) > on (phase) group_left b unless c offset 5m and bool 1e3')
+    assert promql_metric_names(expr) == {"a_bucket", "b", "c"}
+
+
+def test_alerts_and_dashboard_name_only_metrics_the_operator_exports():
+    exported = exported_metric_names() | {"up"}
+    assert {"consensusfit_fits", "consensusfit_shard_duration_seconds_bucket",
+            "consensusfit_queue_wait_seconds_bucket", "consensusfit_fit_rhat_max",
+            "consensusfit_shard_retries_total"} <= exported
+    for rule in alert_rules():
+        names = promql_metric_names(rule["expr"])
+        assert names and names <= exported, (rule["alert"], names - exported)
+    used = set()
+    for title, expr in dashboard_queries(dashboard()):
+        names = promql_metric_names(expr)
+        assert names and names <= exported, (title, names - exported)
+        used |= names
+    # The panels the issue asks for: fits by phase, shard latency, queue wait, convergence per fit.
+    assert {"consensusfit_fits", "consensusfit_shard_duration_seconds_bucket",
+            "consensusfit_queue_wait_seconds_bucket", "consensusfit_fit_rhat_max",
+            "consensusfit_fit_ess_bulk_min", "consensusfit_fit_divergences"} <= used
+
+
+def test_dashboard_loads_as_a_grafana_dashboard():
+    board = dashboard()
+    assert board["uid"] == "consensusfit" and board["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert promql_metric_names(variables["namespace"]["definition"].removeprefix("label_values(")
+                               .split(",")[0]) <= exported_metric_names()
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+            assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+
+
+# --- a real Prometheus scraping the operator ---------------------------------------------------
+
+class Prometheus:
+    """`prometheus` on loopback with a 1 s scrape and rule evaluation interval, and its query API."""
+
+    def __init__(self, binary: str, folder: Path, target: str):
+        self.folder = folder
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [{"targets": [target]}]}],
+        }
+        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = (folder / "prometheus.log").open("w")
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.folder / "prometheus.log").read_text()[-2000:]
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            time.sleep(0.1)
+        raise AssertionError("prometheus did not become ready")
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            body = json.load(answer)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def until(check, what: str, timeout: float = 20.0):
+    """Poll (in a thread: the operator runs in this loop) until check() is truthy."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await asyncio.to_thread(check)
+        if last:
+            return last
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def value(prometheus: Prometheus, expr: str) -> float | None:
+    result = prometheus.query(expr)
+    return float(result[0]["value"][1]) if len(result) == 1 else None
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(180)
+async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
+    prometheus_binary = tool("prometheus")
+    declare_resources(kmock)
+    url = str(kmock.url).rstrip("/")
+    metrics = Metrics()
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=metrics.registry)
+    prometheus = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{server.server_port}")
+    try:
+        await asyncio.to_thread(prometheus.wait_ready)
+        fit = make_fit()
+        fit["metadata"]["resourceVersion"] = "1"
+        async with aiohttp.ClientSession(base_url=url) as http, operator(url, metrics):
+            cluster = Cluster(http)
+            async with http.post(FITS, json=fit) as response:
+                assert response.status < 300
+            await until(lambda: value(prometheus, f'up{{job="{SCRAPE_JOB}"}}') == 1, "the operator's target up")
+
+            partition = await cluster.job("fvc-partition")
+            await cluster.run_pod(partition, report={"ok": True, "rows": 1549, "groups": 176})
+            await cluster.finish_job(partition, succeeded=1)
+            shards = await cluster.job("fvc-shards")
+            await cluster.phase("Sampling")
+            # Prometheus sees the fit sampling (the operator holds it there until the shards finish).
+            await until(lambda: value(prometheus, 'consensusfit_fits{namespace="default", phase="Sampling"}') == 1,
+                        "one fit Sampling in Prometheus")
+            await cluster.run_pod(shards, index=0, report=shard_report(0, rhat=1.004, divergences=2, seconds=20))
+            await cluster.run_pod(shards, index=1, exit_code=1,
+                                  report={"ok": False, "reason": "Error", "message": "storage unreachable"})
+            await cluster.run_pod(shards, index=1, attempt=1, report=shard_report(1, rhat=1.03, ess=350, seconds=40))
+            await cluster.run_pod(shards, index=2, report=shard_report(2, seconds=60))
+            await cluster.finish_job(shards, succeeded=3)
+            combine = await cluster.job("fvc-combine")
+            await cluster.run_pod(combine, report=COMBINE_REPORT)
+            await cluster.finish_job(combine, succeeded=1)
+            await cluster.phase("Succeeded")
+
+            # What the operator exports now is what Prometheus stores after its next scrapes.
+            await until(lambda: value(prometheus, 'consensusfit_fits{phase="Succeeded"}') == 1, "Succeeded scraped")
+            await until(lambda: value(prometheus, "consensusfit_shard_duration_seconds_count") == 3,
+                        "three shard durations scraped")
+            fit_labels = '{namespace="default", fit="fvc"}'
+            assert value(prometheus, f"consensusfit_shard_retries_total{fit_labels}") == 1
+            assert value(prometheus, f"consensusfit_shard_failures_total{fit_labels}") == 0
+            assert value(prometheus, f"consensusfit_fit_rhat_max{fit_labels}") == 1.03
+            assert value(prometheus, f"consensusfit_fit_ess_bulk_min{fit_labels}") == 350
+            assert value(prometheus, f"consensusfit_fit_divergences{fit_labels}") == 2
+            assert value(prometheus, "consensusfit_shard_duration_seconds_sum") == 120
+            assert value(prometheus, 'consensusfit_shard_duration_seconds_bucket{le="30.0"}') == 1
+            assert value(prometheus, 'consensusfit_fits{phase="Sampling"}') in (None, 0)
+            exported = generate_latest(metrics.registry).decode()
+            queue_count = next(float(line.split()[-1]) for line in exported.splitlines()
+                               if line.startswith("consensusfit_queue_wait_seconds_count"))
+            # kmock sets no creationTimestamp on Jobs, so only the retried pod (timed from its own
+            # creation) has a queue wait here; on a cluster every pod has one.
+            assert queue_count >= 1
+            assert value(prometheus, "consensusfit_queue_wait_seconds_count") == queue_count
+            assert value(prometheus, 'sum(consensusfit_phase_duration_seconds_count{phase="Sampling"})') == 1
+            assert value(prometheus, 'consensusfit_fit_duration_seconds_count{outcome="Succeeded"}') == 1
+
+            # The alert rules, evaluated by this Prometheus on these series: R-hat and divergences
+            # fire for the fit; nothing failed, nothing is stuck, the operator is up.
+            def firing() -> dict[str, dict]:
+                alerts = prometheus.api("alerts")["alerts"]
+                return {a["labels"]["alertname"]: a for a in alerts if a["state"] == "firing"}
+            alerts = await until(lambda: (f := firing()) and {"ConsensusFitRhatHigh", "ConsensusFitDivergences"} <= f.keys() and f,
+                                 "R-hat and divergence alerts firing")
+            assert alerts["ConsensusFitRhatHigh"]["labels"]["fit"] == "fvc"
+            assert alerts["ConsensusFitRhatHigh"]["annotations"]["summary"] == "ConsensusFit default/fvc: shard R-hat 1.03"
+            assert not {"ConsensusFitFailed", "ConsensusFitOperatorDown", "ConsensusFitStuck"} & alerts.keys()
+
+            # Every dashboard query is valid PromQL for this Prometheus; the instant ones have data.
+            for title, expr in dashboard_queries(dashboard()):
+                concrete = expr.replace("$namespace", ".*").replace("$__rate_interval", "1m")
+                result = prometheus.query(concrete)
+                if "rate(" not in expr and "increase(" not in expr:
+                    assert result, (title, concrete)
+    finally:
+        prometheus.stop()
+        server.shutdown()
+        server.server_close()
