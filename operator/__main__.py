@@ -16,13 +16,20 @@ from .handlers import register
 from .metrics import Metrics
 
 
+def make_registry(config: Config, api: kubernetes.client.ApiClient, metrics: Metrics) -> kopf.OperatorRegistry:
+    """The operator's handlers, and kopf's login through the kubernetes client's configuration
+    (kopf's public `login_via_client`: the service account in a pod, else the kubeconfig)."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    return register(registry, config, api, metrics)
+
+
 def main() -> None:
     config = Config.from_env()
     kubernetes.config.load_config()  # in-cluster service account, else the kubeconfig
     metrics = Metrics()
     start_http_server(config.metrics_port, registry=metrics.registry)
-    # The smart registry brings kopf's own login through the kubernetes client's configuration.
-    registry = register(kopf.SmartOperatorRegistry(), config, kubernetes.client.ApiClient(), metrics)
+    registry = make_registry(config, kubernetes.client.ApiClient(), metrics)
     kopf.run(
         registry=registry,
         standalone=True,  # one replica (Recreate): no peering resources needed
