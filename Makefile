@@ -21,5 +21,12 @@ tools:
 demo: $(STAMP)
 	$(BIN)/consensusfit demo
 
-test: $(STAMP) tools
+# The end-to-end tests' control plane: etcd, Kubernetes and kwok built with Go (scripts/cluster.py),
+# cached under ~/.cache/consensusfit/bin (seconds once built). Without Go those tests are skipped.
+.PHONY: cluster-tools
+cluster-tools: tools
+	@if command -v go >/dev/null 2>&1; then $(PYTHON) scripts/cluster.py build; \
+	else echo "go not found: the end-to-end tests (tests/e2e) will be skipped"; fi
+
+test: $(STAMP) tools cluster-tools
 	$(BIN)/python -m pytest -q

@@ -175,9 +175,10 @@ def build(verbose: bool = True) -> Path:
 
 SERVICE_CIDR = "10.96.0.0/24"
 SERVICE_IP = "10.96.0.1"  # the first address of the range: the `kubernetes` Service
-# Which kube-controller-manager controllers run: all defaults but node lifecycle (kwok's nodes
-# need no heartbeat bookkeeping then: nothing taints or evicts them during a test).
-CONTROLLERS = "*,-node-lifecycle-controller,-cloud-node-lifecycle-controller"
+# Which kube-controller-manager controllers run: the defaults (Job, garbage collector, service
+# accounts and their tokens, node lifecycle: it lifts the not-ready taint once kwok reports a node
+# Ready, and watches the node leases kwok renews).
+CONTROLLERS = "*"
 FIT_LABEL = "consensusfit.dev/fit"
 STEP_LABEL = "consensusfit.dev/step"
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -307,7 +308,8 @@ kind: KwokConfiguration
 options:
   manageAllNodes: false
   manageNodesWithAnnotationSelector: kwok.x-k8s.io/node=fake
-  nodeLeaseDurationSeconds: 0
+  nodeLeaseDurationSeconds: 40
+  nodeLeaseParallelism: 4
   podPlayStageParallelism: 16
   nodePlayStageParallelism: 4
   enableCRDs: []
@@ -570,11 +572,12 @@ class Cluster:
         return {"apiVersion": "v1", "kind": "List", "items": items}
 
     def _nodes_ready(self) -> bool:
-        result = self.kubectl("get", "nodes", "-o",
-                              "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Ready')].status}{'\\n'}{end}",
-                              check=False)
-        states = result.stdout.split()
-        return len(states) == self.gpu_nodes and all(s == "True" for s in states)
+        """Every node Ready and untainted (the node lifecycle controller lifted `not-ready`)."""
+        nodes = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+        ready = [n for n in nodes
+                 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+                 and not n["spec"].get("taints")]
+        return len(ready) == self.gpu_nodes
 
     def _ready(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.ca))

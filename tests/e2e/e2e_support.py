@@ -1,0 +1,450 @@
+"""Helpers of the end-to-end tests: install the chart, run the operator as its ServiceAccount, and
+play the kubelet for runner pods (the executor).
+
+The control plane itself is `scripts/cluster.py`. There is no kubelet and no container runtime:
+kwok marks pods bound to its fake GPU nodes Running, and `Executor` runs each such pod's container
+command and environment as a local process (the runner installed in the test environment, talking
+to the S3 endpoint on loopback), then writes the pod's phase, exit code and termination message
+to the API server as a kubelet would (pods/status).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_harness():
+    """scripts/cluster.py, imported by path (scripts/ is not a package)."""
+    import importlib.util
+
+    name = "consensusfit_cluster_harness"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "cluster.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+clusterlib = _load_harness()
+
+CHART = ROOT / "charts" / "consensusfit"
+FIT_LABEL = clusterlib.FIT_LABEL
+STEP_LABEL = clusterlib.STEP_LABEL
+INDEX_ANNOTATION = clusterlib.INDEX_ANNOTATION
+GROUP, VERSION, PLURAL = "consensusfit.dev", "v1alpha1", "consensusfits"
+RELEASE = "consensusfit"
+OPERATOR_NAMESPACE = "consensusfit-system"
+NAMESPACE = "e2e"  # where the test fits live (watched by the operator)
+SCALE_FIT = "scale-2000"  # kwok completes this fit's pods as the runner would
+FIT_TEMPLATE = Path(__file__).resolve().parent / "e2e_fit.yaml"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def render_fit(name: str, bucket: str, **spec) -> str:
+    """The example manifest with its name and bucket filled in (and spec keys replaced)."""
+    import yaml
+
+    text = FIT_TEMPLATE.read_text().replace("${NAME}", name).replace("${BUCKET}", bucket)
+    if not spec:
+        return text
+    manifest = yaml.safe_load(text)
+    manifest["spec"].update(spec)
+    return json.dumps(manifest)
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.5):
+    """Poll `check` until it returns something truthy; its value is returned."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except AssertionError:
+            raise  # a check that failed for good (the operator died): no point in waiting
+        except Exception as error:  # noqa: BLE001 - report the last one on timeout
+            last_error = error
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}" +
+                       (f" (last error: {last_error})" if last_error else ""))
+
+
+# ------------------------------------------------------------------------------------------
+# Installing the operator's cluster side
+# ------------------------------------------------------------------------------------------
+
+class Installation:
+    """Where the operator's ServiceAccount lives and which environment its Deployment sets."""
+
+    def __init__(self, namespace: str, service_account: str, env: dict[str, str], how: str):
+        self.namespace, self.service_account, self.env, self.how = namespace, service_account, env, how
+
+
+def install(cluster: clusterlib.Cluster, values: list[str] = ()) -> Installation:
+    """Install the Helm chart with the real helm (CRD, RBAC, operator Deployment).
+
+    The Deployment's pod never runs (no image here): the operator runs as a local process with the
+    chart's ServiceAccount token instead, and the environment the chart gives its container.
+    """
+    cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE)
+    settings = [arg for value in values for arg in ("--set", value)]
+    cluster.helm("install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, *settings)
+    deployments = json.loads(cluster.kubectl(
+        "get", "deployments", "-n", OPERATOR_NAMESPACE, "-o", "json").stdout)["items"]
+    assert deployments, "the chart installed no Deployment"
+    pod = deployments[0]["spec"]["template"]["spec"]
+    env = {item["name"]: item["value"] for item in pod["containers"][0].get("env", []) if "value" in item}
+    return Installation(OPERATOR_NAMESPACE, pod.get("serviceAccountName") or "default", env, "helm chart")
+
+
+def can_i(cluster: clusterlib.Cluster, installation: Installation, verb: str, resource: str,
+          namespace: str, subresource: str = "") -> bool:
+    """`kubectl auth can-i` as the operator's ServiceAccount."""
+    user = f"system:serviceaccount:{installation.namespace}:{installation.service_account}"
+    args = ["auth", "can-i", verb, resource, "-n", namespace, f"--as={user}"]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
+
+
+# What owning Jobs needs beyond the chart's rules when OwnerReferencesPermissionEnforcement is on
+# (the operator sets blockOwnerDeletion on its Jobs' owner reference to the fit).
+FINALIZERS_RULE = {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]}
+
+
+def grant_finalizers_if_missing(cluster: clusterlib.Cluster, installation: Installation, namespace: str) -> bool:
+    """Grant FINALIZERS_RULE in `namespace` if the chart does not; True if it had to.
+
+    Only so the other end-to-end tests can run while the chart lacks the rule;
+    test_the_chart_lets_the_operator_own_its_jobs fails until the chart grants it itself.
+    """
+    if can_i(cluster, installation, "update", f"{PLURAL}.{GROUP}", namespace, "finalizers"):
+        return False
+    name = "e2e-chart-gap-finalizers"
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": namespace}, "rules": [FINALIZERS_RULE]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": namespace},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": installation.service_account,
+                       "namespace": installation.namespace}]},
+    ]}))
+    return True
+
+
+# ------------------------------------------------------------------------------------------
+# The operator, as a local process acting as the chart's ServiceAccount
+# ------------------------------------------------------------------------------------------
+
+class Operator:
+    """`python -m consensusfit.operator`, logged in with a ServiceAccount token (RBAC applies)."""
+
+    def __init__(self, cluster: clusterlib.Cluster, installation: Installation, workdir: Path,
+                 resync_seconds: float = 1.0):
+        self.cluster, self.installation, self.workdir = cluster, installation, Path(workdir)
+        self.resync_seconds = resync_seconds
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        self.kubeconfig = cluster.token_kubeconfig(
+            self.workdir / "operator.kubeconfig", installation.namespace, installation.service_account)
+        self.user = f"system:serviceaccount:{installation.namespace}:{installation.service_account}"
+
+    def start(self) -> Operator:
+        self.metrics_port = clusterlib.free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "CONSENSUSFIT_"))},
+            **self.installation.env,
+            "KUBECONFIG": str(self.kubeconfig),
+            "CONSENSUSFIT_RESYNC_SECONDS": str(self.resync_seconds),
+            "CONSENSUSFIT_METRICS_PORT": str(self.metrics_port),
+            "CONSENSUSFIT_LIVENESS_ENDPOINT": f"http://127.0.0.1:{clusterlib.free_port()}/healthz",
+        }
+        self.starts += 1
+        self.log = self.workdir / f"operator-{self.starts}.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "consensusfit.operator"], env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as when a node dies."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+# ------------------------------------------------------------------------------------------
+# The executor: runs bound runner pods as local processes and reports like a kubelet
+# ------------------------------------------------------------------------------------------
+
+class Executor:
+    """Runs every Running pod of the fits in `fits` once, as a local process.
+
+    `hooks[fit](pod) -> dict | None` may return environment overrides for one run (to make a pod
+    fail as the runner would) and may do other things first (corrupt a shard's data).
+    """
+
+    def __init__(self, kubeconfig: Path, namespace: str, workdir: Path, runner: str):
+        from kubernetes import client, config
+
+        self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        self.namespace, self.workdir, self.runner = namespace, Path(workdir), runner
+        self.fits: set[str] = set()
+        self.hooks: dict[str, Callable[[dict], dict | None]] = {}
+        self.runs: list[dict] = []  # one entry per pod run: fit, step, index, exit code, message
+        self._seen: set[str] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._workers: list[threading.Thread] = []
+        self.errors: list[str] = []
+
+    def start(self) -> Executor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for worker in self._workers:
+            worker.join(timeout=60)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fits = sorted(self.fits)
+                if fits:
+                    selector = f"{FIT_LABEL} in ({','.join(fits)})"
+                    pods = self.api.list_namespaced_pod(self.namespace, label_selector=selector).to_dict()
+                    for pod in pods["items"]:
+                        self._maybe_run(pod)
+            except Exception as error:  # noqa: BLE001 - keep playing kubelet; tests see errors
+                self.errors.append(repr(error))
+            self._stop.wait(0.3)
+
+    def _maybe_run(self, pod: dict) -> None:
+        metadata, status = pod["metadata"], pod.get("status") or {}
+        if metadata["uid"] in self._seen or metadata.get("deletion_timestamp"):
+            return
+        if status.get("phase") != "Running" or not pod["spec"].get("node_name"):
+            return
+        self._seen.add(metadata["uid"])
+        worker = threading.Thread(target=self._run, args=(pod,), daemon=True)
+        self._workers.append(worker)
+        worker.start()
+
+    def _env(self, pod: dict, container: dict) -> dict[str, str]:
+        metadata = pod["metadata"]
+        scratch = Path(tempfile.mkdtemp(prefix=f"{metadata['name']}-", dir=self.workdir))
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(scratch), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(scratch / ".cache"),
+            "JAX_PLATFORMS": "cpu",
+        }
+        for source in container.get("env_from") or []:
+            prefix = source.get("prefix") or ""
+            if source.get("secret_ref"):
+                secret = self.api.read_namespaced_secret(source["secret_ref"]["name"], self.namespace)
+                env.update({prefix + k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()})
+            if source.get("config_map_ref"):
+                config = self.api.read_namespaced_config_map(source["config_map_ref"]["name"], self.namespace)
+                env.update({prefix + k: v for k, v in (config.data or {}).items()})
+        for item in container.get("env") or []:
+            if item.get("value") is not None:
+                env[item["name"]] = item["value"]
+            elif (item.get("value_from") or {}).get("field_ref"):
+                path = item["value_from"]["field_ref"]["field_path"]
+                env[item["name"]] = _field(metadata, path)
+        return env
+
+    def _run(self, pod: dict) -> None:
+        metadata = pod["metadata"]
+        labels, annotations = metadata.get("labels") or {}, metadata.get("annotations") or {}
+        fit, step = labels.get(FIT_LABEL, ""), labels.get(STEP_LABEL, "")
+        index = annotations.get(INDEX_ANNOTATION)
+        container = next(c for c in pod["spec"]["containers"] if c["name"] == "runner")
+        env = self._env(pod, container)
+        hook = self.hooks.get(fit)
+        overrides = hook(pod) if hook else None
+        env.update(overrides or {})
+        termination = Path(env["TMPDIR"]) / "termination-log"
+        termination.write_text("")  # the runner writes it only if it exists, as /dev/termination-log
+        command = list(container["command"]) + list(container.get("args") or [])
+        assert command[0] == "consensusfit-runner", command
+        command = [self.runner, "--termination-log", str(termination), *command[1:]]
+        started = now()
+        result = subprocess.run(command, env=env, cwd=env["TMPDIR"], capture_output=True, text=True)
+        message = termination.read_text()
+        if not message and result.returncode != 0:
+            # terminationMessagePolicy: FallbackToLogsOnError: the log's tail stands in.
+            message = (result.stdout + result.stderr)[-2048:]
+        exit_code = result.returncode
+        record = {"fit": fit, "step": step, "index": index, "pod": metadata["name"], "exit": exit_code,
+                  "message": message, "stderr": result.stderr[-3000:], "env": overrides or {}}
+        with self._lock:
+            self.runs.append(record)
+        terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                      "message": message, "startedAt": started, "finishedAt": now()}
+        body = {"status": {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"},
+                           {"type": "ContainersReady", "status": "False", "reason": "PodCompleted"}],
+            "containerStatuses": [{"name": "runner", "image": container["image"], "ready": False,
+                                   "restartCount": 0, "state": {"terminated": terminated}}],
+        }}
+        try:
+            self.api.patch_namespaced_pod_status(metadata["name"], self.namespace, body)
+        except Exception as error:  # noqa: BLE001
+            self.errors.append(f"patching {metadata['name']}: {error!r}")
+
+
+def _field(metadata: dict, path: str) -> str:
+    """The downward API's fieldRef for the few paths a Job's pod uses."""
+    if path.startswith("metadata.annotations['"):
+        return (metadata.get("annotations") or {}).get(path.split("'")[1], "")
+    if path.startswith("metadata.labels['"):
+        return (metadata.get("labels") or {}).get(path.split("'")[1], "")
+    return {"metadata.name": metadata["name"], "metadata.namespace": metadata["namespace"],
+            "metadata.uid": metadata["uid"]}.get(path, "")
+
+
+def runner_executable() -> str:
+    found = Path(sys.executable).parent / "consensusfit-runner"
+    return str(found) if found.exists() else (shutil.which("consensusfit-runner") or "consensusfit-runner")
+
+
+# ------------------------------------------------------------------------------------------
+# Control-plane cost of a many-shard fit (the scale test and benchmarks/control_plane.py)
+# ------------------------------------------------------------------------------------------
+
+def scale_manifest(name: str, shards: int, bucket: str) -> dict:
+    """A fit whose pods kwok completes as the runner would (the cluster's `complete_fits`)."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ConsensusFit",
+        "metadata": {"name": name},
+        "spec": {
+            "data": {"uri": f"{bucket}/scale-data/", "groupColumn": "g"},
+            "shards": shards,
+            "model": {"formula": "y ~ 1 + (1 | g)"},
+            "output": {"uri": f"{bucket}/fits/"},
+        },
+    }
+
+
+def seed_shard_outputs(root: str, shards: int, threads: int = 16) -> None:
+    """What the sample pods would have left under ROOT (docs/contract.md): per shard
+    diagnostics.json and, last, _SUCCESS.json. The operator reads none of it; it is there so the
+    object store looks as it would after a real run of this size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    bucket, _, prefix = root.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3")
+
+    def seed(k: int) -> None:
+        base = f"{prefix}shards/{k}/"
+        s3.put_object(Bucket=bucket, Key=base + "diagnostics.json",
+                      Body=json.dumps({"shard": k, "shards": shards, "rows": 50, "groups": 2}).encode())
+        s3.put_object(Bucket=bucket, Key=base + "_SUCCESS.json",
+                      Body=json.dumps({"fingerprint": "seeded", "files": {}, "finished": now()}).encode())
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(seed, range(shards)))
+
+
+def measure_many_shards(cluster: clusterlib.Cluster, operator: Operator, namespace: str, name: str,
+                        shards: int, bucket: str, timeout: float = 900, seed: bool = True) -> dict:
+    """Apply a `shards`-shard fit whose pods kwok completes; time its phases from the apply and
+    count the operator's API requests (from the audit log) while it ran."""
+    from kubernetes import client, config
+
+    custom = client.CustomObjectsApi(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    started_wall = datetime.now(UTC)
+    started = time.monotonic()
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(scale_manifest(name, shards, bucket)))
+    fit = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    seeding = None
+    if seed:
+        root = f"{bucket}/fits/{namespace}/{name}/{fit['metadata']['uid']}/"
+        seeding = threading.Thread(target=seed_shard_outputs, args=(root, shards), daemon=True)
+        seeding.start()
+    reached: dict[str, float] = {}
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        status = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+        phase = status.get("phase")
+        if phase and phase not in reached:
+            reached[phase] = round(time.monotonic() - started, 2)
+        if phase in ("Succeeded", "Failed"):
+            break
+        if not operator.alive():
+            raise RuntimeError(f"the operator exited:\n{operator.log_tail()}")
+        time.sleep(0.2)
+    else:
+        raise TimeoutError(f"fit {name} did not finish in {timeout} s; reached {reached}; status {status}")
+    finished_wall = datetime.now(UTC)
+    time.sleep(2 * operator.resync_seconds)  # requests in flight at the end are part of the cost
+    if seeding:
+        seeding.join()
+    window = [e for e in cluster.audit_events()
+              if e["user"]["username"] == operator.user
+              and started_wall.isoformat() <= _audit_time(e) <= finished_wall.isoformat()]
+    by_kind: dict[str, int] = {}
+    for event in window:
+        ref = event.get("objectRef") or {}
+        key = f"{event['verb']} {ref.get('resource', event.get('requestURI', '?'))}"
+        if ref.get("subresource"):
+            key += "/" + ref["subresource"]
+        by_kind[key] = by_kind.get(key, 0) + 1
+    return {
+        "shards": shards,
+        "phase": phase,
+        "seconds_to_phase": reached,
+        "seconds_apply_to_combining": reached.get("Combining"),
+        "operator_requests": len(window),
+        "operator_requests_per_shard": round(len(window) / shards, 4),
+        "operator_requests_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "status_shards": status.get("shards"),
+        "resync_seconds": operator.resync_seconds,
+    }
+
+
+def _audit_time(event: dict) -> str:
+    """The audit event's receive time in the same ISO form as datetime.isoformat() in UTC."""
+    stamp = event.get("requestReceivedTimestamp") or event.get("stageTimestamp") or ""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(UTC).isoformat()

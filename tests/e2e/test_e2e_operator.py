@@ -1,0 +1,238 @@
+"""The operator end to end on a real control plane (etcd, kube-apiserver, controller-manager,
+scheduler, kwok GPU nodes), installed with its Helm chart and running as the chart's ServiceAccount.
+
+Shard pods are created by the real Job controller, scheduled by the real scheduler onto fake GPU
+nodes, and run by the test's executor as local runner processes against S3 on loopback: draws flow
+through partition, sampling and combining into the fit's status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from e2e_support import (
+    FIT_LABEL,
+    GROUP,
+    INDEX_ANNOTATION,
+    NAMESPACE,
+    PLURAL,
+    STEP_LABEL,
+    VERSION,
+    render_fit,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+class Api:
+    """The test's reads, as the cluster admin."""
+
+    def __init__(self, cluster):
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        self.core, self.batch, self.custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+
+    def fit(self, name: str) -> dict:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+
+    def phase(self, name: str) -> str:
+        return (self.fit(name).get("status") or {}).get("phase", "")
+
+    def jobs(self, name: str) -> list:
+        return self.batch.list_namespaced_job(NAMESPACE, label_selector=f"{FIT_LABEL}={name}").items
+
+    def pods(self, name: str, step: str | None = None) -> list:
+        selector = f"{FIT_LABEL}={name}" + (f",{STEP_LABEL}={step}" if step else "")
+        return self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
+
+
+def wait_phase(api: Api, name: str, phases: tuple[str, ...], timeout: float, operator=None) -> dict:
+    def reached():
+        fit = api.fit(name)
+        if operator is not None and not operator.alive():
+            raise AssertionError(f"the operator exited:\n{operator.log_tail()}")
+        return fit if (fit.get("status") or {}).get("phase") in phases else None
+
+    try:
+        return wait_for(reached, timeout, f"fit {name} to reach {phases}")
+    except TimeoutError as error:
+        status = json.dumps(api.fit(name).get("status"), indent=1)[:3000]
+        raise AssertionError(f"{error}\nstatus: {status}\noperator log:\n"
+                             f"{operator.log_tail() if operator else ''}") from None
+
+
+def apply(cluster, manifest: str, check: bool = True):
+    return cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=manifest, check=check)
+
+
+def s3_keys(uri: str) -> list[str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def operator_requests(cluster, user: str, verb: str, resource: str) -> list[dict]:
+    return [e for e in cluster.audit_events()
+            if e["user"]["username"] == user and e["verb"] == verb
+            and (e.get("objectRef") or {}).get("resource") == resource]
+
+
+def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, operator, executor, bucket):
+    """kubectl apply of the example fit -> Job controller pods on GPU nodes -> real runner -> result.
+
+    Shard 1's first pod cannot reach the object store (the runner exits 1): the Job controller
+    retries it and the fit still succeeds. The operator is SIGKILLed while the shards sample and a
+    fresh one finishes the fit without creating any Job twice. Deleting the fit removes its Jobs
+    and pods (garbage collector) and keeps its results.
+    """
+    api, name = Api(cluster), "tiny"
+    failed_once: list[str] = []
+
+    def fail_shard_1_once(pod: dict) -> dict | None:
+        annotations = pod["metadata"].get("annotations") or {}
+        if annotations.get(INDEX_ANNOTATION) == "1" and not failed_once:
+            failed_once.append(pod["metadata"]["name"])
+            # Nothing listens on port 9: the runner's storage gives up and exits 1 (transient).
+            return {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "CONSENSUSFIT_S3_MAX_ATTEMPTS": "1"}
+        return None
+
+    executor.hooks[name] = fail_shard_1_once
+    executor.fits.add(name)
+    apply(cluster, render_fit(name, bucket))
+
+    wait_phase(api, name, ("Sampling",), 300, operator)
+    before = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
+    assert f"{name}-shards" in before
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+
+    fit = wait_phase(api, name, ("Succeeded", "Failed"), 600, operator)
+    status = fit["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    assert set(status["result"]["parameters"]) >= {"mu", "tau", "sigma"}
+    assert 0.5 < status["result"]["parameters"]["mu"]["mean"] < 2.5
+    assert status["shards"]["total"] == 2 and status["shards"]["succeeded"] == 2
+    assert status["diagnostics"]["rhatMax"] > 0
+
+    # Pods came from the Job controller, were scheduled onto the GPU nodes with one GPU each.
+    pods = api.pods(name)
+    assert pods and all(p.spec.node_name.startswith("gpu-node-") for p in pods)
+    assert all(p.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1" for p in pods)
+    assert all(p.metadata.owner_references[0].kind == "Job" for p in pods)
+    shard_runs = sorted((r["index"], r["exit"]) for r in executor.runs if r["fit"] == name and r["step"] == "sample")
+    assert shard_runs == [("0", 0), ("1", 0), ("1", 1)], executor.runs
+    assert len(api.pods(name, "sample")) == 3  # the retry is a new pod
+
+    # No duplicate Jobs across the restart: the same three Jobs, each created once.
+    jobs = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
+    assert sorted(jobs) == sorted(f"{name}-{s}" for s in ("partition", "shards", "combine"))
+    assert all(jobs[job] == uid for job, uid in before.items())
+    creates = [e for e in operator_requests(cluster, operator.user, "create", "jobs")
+               if e["objectRef"].get("name", "").startswith(f"{name}-") or
+               (e.get("responseObject") or {}).get("metadata", {}).get("name", "").startswith(f"{name}-")]
+    succeeded_creates = [e for e in creates if e["responseStatus"]["code"] == 201]
+    assert len(succeeded_creates) == 3, [(e["objectRef"], e["responseStatus"]) for e in creates]
+
+    # The results are in the object store, under <output>/<namespace>/<name>/<uid>/.
+    root = f"{bucket}/fits/{NAMESPACE}/{name}/{fit['metadata']['uid']}/"
+    keys = s3_keys(root)
+    assert any(k.endswith("combined/summary.json") for k in keys), keys
+
+    # Deleting the fit: the garbage collector removes its Jobs and pods; the results stay.
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+    wait_for(lambda: not api.jobs(name) and not api.pods(name), 120, "the fit's Jobs and pods to go")
+    assert s3_keys(root) == keys
+    executor.fits.discard(name)
+
+
+def test_bad_input_fails_the_shard_at_once_with_the_reason(cluster, operator, executor, bucket, s3_endpoint):
+    """Shard 0's data gets a NaN after partitioning: its runner exits 3, the index fails without a
+    retry (podFailurePolicy FailIndex), and the fit fails with the runner's reason in its status."""
+    api, name = Api(cluster), "bad-input"
+
+    def corrupt_shard_0(pod: dict) -> None:
+        annotations = pod["metadata"].get("annotations") or {}
+        command = pod["spec"]["containers"][0]["command"]
+        if annotations.get(INDEX_ANNOTATION) != "0":
+            return None
+        root = command[command.index("--out") + 1]
+        s3 = boto3.client("s3")
+        for key in s3_keys(f"{root}partition/shard=0/"):
+            bucket_name = root.removeprefix("s3://").split("/")[0]
+            table = pq.read_table(pa.BufferReader(s3.get_object(Bucket=bucket_name, Key=key)["Body"].read()))
+            y = table.column("y").to_numpy().copy()
+            y[0] = float("nan")
+            table = table.set_column(table.schema.get_field_index("y"), "y", pa.array(y))
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            s3.put_object(Bucket=bucket_name, Key=key, Body=sink.getvalue().to_pybytes())
+        return None
+
+    executor.hooks[name] = corrupt_shard_0
+    executor.fits.add(name)
+    apply(cluster, render_fit(name, bucket))
+    fit = wait_phase(api, name, ("Succeeded", "Failed"), 600, operator)
+    status = fit["status"]
+    assert status["phase"] == "Failed", json.dumps(status, indent=1)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "shard 0" in failed["message"] and "BadInput" in failed["message"], failed
+    assert "NaN" in failed["message"] or "nan" in failed["message"].lower(), failed
+    runs = [r for r in executor.runs if r["fit"] == name and r["step"] == "sample" and r["index"] == "0"]
+    assert [r["exit"] for r in runs] == [3], runs
+    shard_0_pods = [p for p in api.pods(name, "sample")
+                    if p.metadata.annotations.get(INDEX_ANNOTATION) == "0"]
+    assert len(shard_0_pods) == 1  # maxRetriesPerShard is 2, yet no retry: bad input is final
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+    executor.fits.discard(name)
+
+
+INVALID = {
+    "both model kinds": ({"model": {"formula": "y ~ 1", "python": {"uri": "s3://b/m.py", "function": "model"}}},
+                         "spec.model needs exactly one of formula or python"),
+    "zero shards": ({"shards": 0}, "should be greater than or equal to 1"),
+    "neither model kind": ({"model": {"family": "gaussian"}}, "spec.model needs exactly one of formula or python"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_resources_are_rejected_by_the_api_server(cluster, installation, bucket, case):
+    spec, message = INVALID[case]
+    result = apply(cluster, render_fit("invalid", bucket, **spec), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "is invalid" in result.stderr  # kubectl's readable form: The ConsensusFit "invalid" is invalid: ...
+
+
+def test_a_changed_immutable_field_is_rejected(cluster, installation, bucket):
+    api, name = Api(cluster), "immutable"
+    apply(cluster, render_fit(name, bucket, suspend=True))
+    for change, message in (({"shards": 3}, "spec.shards is immutable"),
+                            ({"sampler": {"warmup": 61, "samples": 60, "chains": 1, "seed": 1}},
+                             "spec.sampler is immutable"),
+                            ({"data": {"uri": f"{bucket}/other/", "groupColumn": "g"}}, "spec.data is immutable")):
+        result = apply(cluster, render_fit(name, bucket, suspend=True, **change), check=False)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+    # Changing a mutable field is fine.
+    apply(cluster, render_fit(name, bucket, suspend=True, maxRetriesPerShard=1))
+    assert api.fit(name)["spec"]["maxRetriesPerShard"] == 1
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+
+
+def test_the_chart_lets_the_operator_own_its_jobs(installation):
+    """The operator's Jobs carry an owner reference to the fit with blockOwnerDeletion (so that
+    foreground deletion of a fit waits for them). Where the OwnerReferencesPermissionEnforcement
+    admission plugin is on (OpenShift; this cluster), setting it needs `update` on the fit's
+    `finalizers` subresource: without that rule every Job create is refused (403) and fits never
+    start. The other tests grant the rule themselves when the chart lacks it."""
+    assert installation.can_update_finalizers, (
+        "the chart's RBAC must grant `update` on consensusfits/finalizers: the API server refuses "
+        "the operator's Jobs otherwise (cannot set blockOwnerDeletion if an ownerReference refers "
+        "to a resource you can't set finalizers on)")
