@@ -153,12 +153,13 @@ def combine_all(spec, root: Path, method: str) -> dict:
 
 
 def shard_health(root: Path, shards: int) -> dict:
-    rhats, divergences = [], 0
+    rhats, divergences, seconds = [], 0, 0.0
     for k in range(shards):
         d = json.loads((root / "shards" / str(k) / "diagnostics.json").read_text())
         rhats += [p["rhat"] for p in d["parameters"].values()]
         divergences += d["divergences"]
-    return {"rhat_max": max(rhats), "divergences": divergences}
+        seconds += sum(d["seconds"].values())
+    return {"rhat_max": max(rhats), "divergences": divergences, "seconds": seconds}
 
 
 def main(argv=None) -> int:
@@ -216,11 +217,12 @@ def main(argv=None) -> int:
         )
         print(notes[-1], flush=True)
         for k in ks:
-            spec, root, seconds = sample_all(name, table, k, sampler)
+            spec, root, _ = sample_all(name, table, k, sampler)
             health = shard_health(root, k)
             notes.append(
                 f"{label}, K={k}: shards R-hat max {health['rhat_max']:.3f}, "
-                f"{health['divergences']} divergences in all, sampling {seconds:.0f}s"
+                f"{health['divergences']} divergences in all, {health['seconds']:.0f}s in all shards "
+                "(load, compile, warmup, sampling, write)"
             )
             print(notes[-1], flush=True)
             for method in METHODS:
