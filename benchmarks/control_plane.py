@@ -11,8 +11,15 @@ audit log), in total, per shard and by verb and resource.
 
 tests/e2e/test_e2e_scale.py runs the same measurement at 2,000 shards and asserts on it.
 
-Measured (2 shared CPU cores, everything on one machine, resync 1 s): see the numbers printed by a
-run; the last one is recorded in benchmarks/README.md.
+Measured (tests/e2e/test_e2e_scale.py, 2,000 shards, resync 1 s, 2 CPU cores shared with other
+work, control plane, kwok, S3 and operator on one machine):
+- operator API requests while the fit ran (apply -> Succeeded, 55.5 s): 64 in all, 0.032 per
+  shard: 24 status patches, 3 Job creates, 4 Events, 15 pod watch (re)connections, and kopf's
+  start-up discovery, lists and watches (the operator had just started). Nothing per pod: pods
+  and Jobs are watched, never read one by one.
+- seconds from `kubectl apply` to Partitioning 2.3, Sampling 4.3, Combining 53.5, Succeeded 55.5.
+  Sampling -> Combining (49 s) is the Job controller creating 2,000 pods (client QPS 300), the
+  scheduler binding them and kwok completing them, not the operator.
 """
 
 from __future__ import annotations
