@@ -348,6 +348,10 @@ def resample_shard(
     theta = {name: combined.constrained[name] for name in combined.global_names()}
     result = resample_groups(model.fn, model.arguments, theta, _resample_settings(spec, shard))
     arrays = {**result.latent, **result.deterministic}
+    if not arrays:
+        success = {"fingerprint": fingerprint, "files": {}, "note": "no group-level sites"}
+        store.write_bytes(SUCCESS, json.dumps(success, indent=1).encode())
+        return success
     sites = {
         name: Site(values.shape[2:], None, False, "latent" if name in result.latent else "deterministic")
         for name, values in arrays.items()
@@ -369,7 +373,10 @@ def resample_shard(
 def _group_draws(root: Store, spec: FitSpec, k: int, shard: Draws) -> tuple[dict, list[str]]:
     """Shard k's group-level draws: resampled ones, or (keep) the shard's own."""
     if spec.combine["groupParameters"] == "resample":
-        draws = from_parquet_bytes(root.read_bytes(f"combined/groups/{k}/draws.parquet"))
+        try:
+            draws = from_parquet_bytes(root.read_bytes(f"combined/groups/{k}/draws.parquet"))
+        except NotFound:  # a model without group-level sites: nothing was re-sampled
+            return {}, []
         return draws.constrained, draws.metadata.get("groups", [])
     local = {name: v for name, v in shard.constrained.items() if not shard.sites[name].is_global}
     return local, shard.metadata.get("groups", [])

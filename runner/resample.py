@@ -97,6 +97,11 @@ def resample_groups(
     n = chains * draws
     flat_theta = {name: np.asarray(v).reshape((n,) + v.shape[2:]) for name, v in theta.items()}
     centre = {name: v[central_draw(flat_theta)] for name, v in flat_theta.items()}
+    with jax.ensure_compile_time_eval(), handlers.trace() as trace, handlers.seed(rng_seed=0):
+        handlers.condition(model, data=centre)(**arguments)
+    if not any(s["type"] == "sample" and not s["is_observed"] for s in trace.values()):
+        # every latent site is global: nothing is left to draw given θ
+        return Resampled({}, {}, float("nan"), float("nan"), {"adapt": 0.0, "resample": 0.0})
 
     # 1. adapt once, at a central combined draw
     pool_settings = SamplerSettings(

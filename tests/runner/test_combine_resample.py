@@ -71,3 +71,14 @@ def test_resampled_groups_follow_the_exact_conditional(model):
         corr = [np.corrcoef(theta, z[:, g])[0, 1] for g in range(6)]
         assert np.max(np.abs(corr)) < 4 / np.sqrt(chains * draws), corr
     assert 0.5 < result.accept_prob <= 1.0
+
+
+def test_a_model_without_group_level_sites_has_nothing_to_resample():
+    def flat(x, y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("rows", len(x)):
+            numpyro.sample("y", dist.Normal(mu * x, 1.0), obs=y)
+
+    x = np.linspace(0, 1, 5)
+    result = resample_groups(flat, {"x": x, "y": x}, {"mu": np.zeros((1, 10))}, SamplerSettings(warmup=10))
+    assert result.latent == {} and result.deterministic == {}
