@@ -133,7 +133,7 @@ def sample_all(name: str, table: pa.Table, shards: int, sampler: dict) -> tuple:
         if not (folder / "part-0.parquet").exists():
             folder.mkdir(parents=True, exist_ok=True)
             pq.write_table(part, folder / "part-0.parquet")
-        sample_shard(spec, k, str(folder), None, str(root), str(REPO))
+        sample_shard(spec, k, str(folder), None, str(root))
         print(f"  {name} K={shards}: shard {k} done", end="\r", flush=True)
     return spec, root, time.perf_counter() - started
 
@@ -145,7 +145,7 @@ def combine_all(spec, root: Path, method: str) -> dict:
     variant = parse({**spec.raw, "combine": {"method": method, "groupParameters": "keep"}})
 
     def transforms_of(layout):
-        model = combiner.shard_model(variant, str(root), str(REPO), 0, None, None)
+        model = combiner.shard_model(variant, str(root), 0, None, None)
         return combiner.bijections(model, layout)
 
     _, _, constrained, _, _ = combiner.combined_globals(shards, variant, transforms_of)

@@ -113,7 +113,7 @@ def main() -> int:
         if cache.exists():
             tilted.append(np.load(cache))
             continue
-        model = combiner.shard_model(spec, str(root), str(REPO), k, None, None)
+        model = combiner.shard_model(spec, str(root), k, None, None)
         transforms = combiner.bijections(model, layout)
         w_k = product.precisions[k]
         cavity_precision = lam - w_k
@@ -144,7 +144,7 @@ def main() -> int:
     average_cov = np.mean([s.cov for s in stats], axis=0)
     average_mean = np.mean([s.mean for s in stats], axis=0)
 
-    transforms = combiner.bijections(combiner.shard_model(spec, str(root), str(REPO), 0, None, None), layout)
+    transforms = combiner.bijections(combiner.shard_model(spec, str(root), 0, None, None), layout)
     rng = np.random.default_rng(0)
     candidates = {
         "round 1 (gaussian product)": (product.mean, product.cov),

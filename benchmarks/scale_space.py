@@ -90,7 +90,7 @@ def main() -> int:
     store = combiner.open_store(str(root))
     layout = combiner.global_layout([combiner.read_shard(store, spec, 0)])
     names = list(layout)
-    model0 = combiner.shard_model(spec, str(root), str(REPO), 0, None, None)
+    model0 = combiner.shard_model(spec, str(root), 0, None, None)
     transforms = combiner.bijections(model0, layout)
     positive = [n for n in names if transforms[n].codomain is constraints.positive]
     others = [n for n in names if n not in positive]
@@ -100,7 +100,7 @@ def main() -> int:
     for k in range(spec.shards):
         cache = root / "scale-space" / f"{k}.npz"
         if not cache.exists():
-            model = combiner.shard_model(spec, str(root), str(REPO), k, None, None)
+            model = combiner.shard_model(spec, str(root), k, None, None)
             fn = temper_density(temper(model.fn, frozenset(others), 1.0 / spec.shards), frozenset(positive), 1.0 / spec.shards)
             settings = SamplerSettings(
                 warmup=sampler["warmup"], samples=sampler["samples"], chains=sampler["chains"],

@@ -72,7 +72,7 @@ def write_termination_message(path: str, message: dict) -> None:
 def command_sample(args) -> dict:
     from .shard import sample_shard
 
-    spec, base = load(args.spec)
+    spec, _ = load(args.spec)
     if args.shards is not None and spec.shards != args.shards:
         raise BadInput(f"--shards {args.shards} but the spec declares {spec.shards} shards")
     shard = args.shard if args.shard is not None else os.environ.get("JOB_COMPLETION_INDEX")
@@ -87,7 +87,7 @@ def command_sample(args) -> dict:
     stats_uri = args.stats or f"{root}/partition/manifest.json"
     stats = load_json(stats_uri).get("stats") if (args.stats or _exists(stats_uri)) else None
     configure_precision()
-    return sample_shard(spec, shard, data_uri, stats, root, base)
+    return sample_shard(spec, shard, data_uri, stats, root)
 
 
 def _exists(uri: str) -> bool:
@@ -100,16 +100,16 @@ def _exists(uri: str) -> bool:
 def command_partition(args) -> dict:
     from .partition import partition_fit
 
-    spec, base = load(args.spec)
-    return partition_fit(spec, args.out.rstrip("/"), base, args.worker, args.workers)
+    spec, _ = load(args.spec)
+    return partition_fit(spec, args.out.rstrip("/"), args.worker, args.workers)
 
 
 def command_combine(args) -> dict:
     from .combiner import combine_fit
 
-    spec, base = load(args.spec)
+    spec, _ = load(args.spec)
     configure_precision()
-    return combine_fit(spec, args.out.rstrip("/"), base)
+    return combine_fit(spec, args.out.rstrip("/"))
 
 
 def command_run(args) -> dict:

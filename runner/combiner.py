@@ -182,11 +182,11 @@ def load_stats(root: Store, stats_uri: str | None) -> dict | None:
 
 
 def shard_model(
-    spec: FitSpec, out_uri: str, base: str, shard: int, data_uri: str | None, stats_uri: str | None
+    spec: FitSpec, out_uri: str, shard: int, data_uri: str | None, stats_uri: str | None
 ) -> ShardModel:
     """The model and its arguments for one shard's data, prepared as the sample step did."""
     stats = load_stats(open_store(out_uri), stats_uri)
-    model = model_from_spec(spec, stats, base)
+    model = model_from_spec(spec, stats)
     uri = data_uri_for(out_uri, shard, data_uri)
     data = shard_data(read_table(uri), model.columns, model.numeric, spec.group_column, f"shard {shard} ({uri})")
     return ShardModel(model.fn, model.prepare(data), [str(label) for label in data.group_labels])
@@ -317,7 +317,6 @@ def _resample_settings(spec: FitSpec, shard: int):
 def resample_shard(
     spec: FitSpec,
     out_uri: str,
-    base: str = ".",
     shard: int = 0,
     data_uri: str | None = None,
     stats_uri: str | None = None,
@@ -344,7 +343,7 @@ def resample_shard(
             combined = from_parquet_bytes(root.read_bytes("combined/draws.parquet"))
         except NotFound:
             raise BadInput(f"shard {shard}: no combined global draws yet ({root.uri('combined/draws.parquet')})") from None
-    model = shard_model(spec, out_uri, base, shard, data_uri, stats_uri)
+    model = shard_model(spec, out_uri, shard, data_uri, stats_uri)
     theta = {name: combined.constrained[name] for name in combined.global_names()}
     result = resample_groups(model.fn, model.arguments, theta, _resample_settings(spec, shard))
     arrays = {**result.latent, **result.deterministic}
@@ -385,7 +384,6 @@ def _group_draws(root: Store, spec: FitSpec, k: int, shard: Draws) -> tuple[dict
 def combine_fit(
     spec: FitSpec,
     out_uri: str,
-    base: str = ".",
     data_uri: str | None = None,
     stats_uri: str | None = None,
 ) -> dict:
@@ -413,7 +411,7 @@ def combine_fit(
     model_cache: dict[int, ShardModel] = {}
 
     def transforms_of(layout):
-        model_cache[0] = shard_model(spec, out_uri, base, 0, data_uri, stats_uri)
+        model_cache[0] = shard_model(spec, out_uri, 0, data_uri, stats_uri)
         return bijections(model_cache[0], layout)
 
     layout, values, constrained, unconstrained, packed = combined_globals(shards, spec, transforms_of)
@@ -433,7 +431,7 @@ def combine_fit(
 
     if spec.combine["groupParameters"] == "resample":
         for k in range(spec.shards):
-            resample_shard(spec, out_uri, base, k, data_uri, stats_uri, combined=combined)
+            resample_shard(spec, out_uri, k, data_uri, stats_uri, combined=combined)
 
     report = agreement(packed, values, unconstrained_names(layout), list(range(spec.shards)))
     agreement_bytes = json.dumps(report, indent=1).encode()

@@ -131,11 +131,9 @@ def python_model(
     return Model(fn=fn, columns=columns, numeric=numeric, prepare=prepare)
 
 
-def _read_source(uri: str, base: str) -> str:
+def _read_source(uri: str) -> str:
     from .storage import NotFound, split_uri
 
-    if "://" not in uri and not Path(uri).is_absolute():
-        uri = str(Path(base) / uri)
     store, key = split_uri(uri)
     try:
         return store.read_bytes(key).decode()
@@ -143,25 +141,25 @@ def _read_source(uri: str, base: str) -> str:
         raise BadInput(f"model file {uri} does not exist") from None
 
 
-def model_from_spec(spec, stats: dict | None, base: str = ".") -> Model:
-    """The model a `FitSpec` declares; `base` resolves a relative Python model path."""
+def model_from_spec(spec, stats: dict | None) -> Model:
+    """The model a `FitSpec` declares (relative paths were resolved when the spec was loaded)."""
     python = spec.model.get("python")
     if python:
-        source = _read_source(python["uri"], base)
+        source = _read_source(python["uri"])
         return python_model(source, python["uri"], python["function"], spec.group_column, stats)
     from .formula import formula_model
 
     return formula_model(spec.model, spec.group_column, stats or {}, spec.shards)
 
 
-def required_columns(spec, base: str = ".") -> tuple[tuple[str, ...], tuple[str, ...]]:
+def required_columns(spec) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(columns the model reads, those of them that must be numeric), known before any data.
 
     Partitioning checks these over the whole data set, before any shard is sampled.
     """
     python = spec.model.get("python")
     if python:
-        model = model_from_spec(spec, None, base)
+        model = model_from_spec(spec, None)
         return model.columns, model.numeric
     from .formula import formula_columns
 

@@ -99,12 +99,12 @@ class Inputs:
 
 
 def partition_fit(
-    spec, out_uri: str, base: str = ".", worker: int = 0, workers: int = 1, *, log=None
+    spec, out_uri: str, worker: int = 0, workers: int = 1, *, log=None
 ) -> dict:
     """Partition the fit's data under `out_uri`; the termination message of docs/contract.md."""
     from .models import required_columns
 
-    columns, numeric = required_columns(spec, base)
+    columns, numeric = required_columns(spec)
     return partition(spec, out_uri, columns, numeric, worker=worker, workers=workers, log=log)
 
 

@@ -134,11 +134,11 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
     progress = progress or Progress(spec.shards)
     progress.phase(f"results in {root}")
     progress.phase("partitioning")
-    partition_fit(spec, root, ".")
+    partition_fit(spec, root)
     run_shards(spec, root, workers, progress)
     progress.phase("combining")
     configure_precision()
-    combine_fit(spec, root, ".")
+    combine_fit(spec, root)
     store = open_store(root)
     diagnostics = [
         json.loads(store.read_bytes(f"shards/{k}/diagnostics.json")) for k in range(spec.shards)

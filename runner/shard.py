@@ -94,7 +94,7 @@ def termination_summary(diagnostics: dict) -> dict:
 
 
 def sample_shard(
-    spec: FitSpec, shard: int, data_uri: str, stats: dict | None, out_uri: str, base: str = "."
+    spec: FitSpec, shard: int, data_uri: str, stats: dict | None, out_uri: str
 ) -> dict:
     """Sample shard `shard` of `spec` from `data_uri`; write under `out_uri`; return a summary."""
     if not 0 <= shard < spec.shards:
@@ -105,7 +105,7 @@ def sample_shard(
         return termination_summary(json.loads(store.read_bytes("diagnostics.json")))
 
     started = time.perf_counter()
-    model = model_from_spec(spec, stats, base)
+    model = model_from_spec(spec, stats)
     where = f"shard {shard} ({data_uri})"
     data = shard_data(read_table(data_uri), model.columns, model.numeric, spec.group_column, where)
     arguments = model.prepare(data)

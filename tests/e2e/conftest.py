@@ -24,7 +24,6 @@ from e2e_support import (
     Operator,
     can_i,
     clusterlib,
-    grant_finalizers_if_missing,
     install,
     runner_executable,
 )
@@ -81,10 +80,8 @@ def installation(cluster, s3_endpoint) -> Installation:
         "runner.s3.credentialsSecret=s3-credentials",
         "operator.resyncSeconds=1",
     ])
-    # Recorded before any workaround, for test_the_chart_lets_the_operator_own_its_jobs.
     installed.can_update_finalizers = can_i(
         cluster, installed, "update", "consensusfits.consensusfit.dev", NAMESPACE, "finalizers")
-    grant_finalizers_if_missing(cluster, installed, NAMESPACE)
     return installed
 
 

@@ -125,32 +125,6 @@ def can_i(cluster: clusterlib.Cluster, installation: Installation, verb: str, re
     return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
 
 
-# What owning Jobs needs beyond the chart's rules when OwnerReferencesPermissionEnforcement is on
-# (the operator sets blockOwnerDeletion on its Jobs' owner reference to the fit).
-FINALIZERS_RULE = {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]}
-
-
-def grant_finalizers_if_missing(cluster: clusterlib.Cluster, installation: Installation, namespace: str) -> bool:
-    """Grant FINALIZERS_RULE in `namespace` if the chart does not; True if it had to.
-
-    Only so the other end-to-end tests can run while the chart lacks the rule;
-    test_the_chart_lets_the_operator_own_its_jobs fails until the chart grants it itself.
-    """
-    if can_i(cluster, installation, "update", f"{PLURAL}.{GROUP}", namespace, "finalizers"):
-        return False
-    name = "e2e-chart-gap-finalizers"
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": name, "namespace": namespace}, "rules": [FINALIZERS_RULE]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": name, "namespace": namespace},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": installation.service_account,
-                       "namespace": installation.namespace}]},
-    ]}))
-    return True
-
-
 # ------------------------------------------------------------------------------------------
 # The operator, as a local process acting as the chart's ServiceAccount
 # ------------------------------------------------------------------------------------------

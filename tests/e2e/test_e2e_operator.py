@@ -232,7 +232,7 @@ def test_the_chart_lets_the_operator_own_its_jobs(installation):
     foreground deletion of a fit waits for them). Where the OwnerReferencesPermissionEnforcement
     admission plugin is on (OpenShift; this cluster), setting it needs `update` on the fit's
     `finalizers` subresource: without that rule every Job create is refused (403) and fits never
-    start. The other tests grant the rule themselves when the chart lacks it."""
+    start."""
     assert installation.can_update_finalizers, (
         "the chart's RBAC must grant `update` on consensusfits/finalizers: the API server refuses "
         "the operator's Jobs otherwise (cannot set blockOwnerDeletion if an ownerReference refers "

@@ -26,6 +26,7 @@ NAMESPACED_RULES = [
     {"apiGroups": ["consensusfit.dev"], "resources": ["consensusfits"],
      "verbs": ["get", "list", "watch", "patch", "delete"]},
     {"apiGroups": ["consensusfit.dev"], "resources": ["consensusfits/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["consensusfit.dev"], "resources": ["consensusfits/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},

@@ -108,7 +108,7 @@ def test_combines_in_unconstrained_space_and_stays_in_support(tmp_path, method):
         for name in USHAPES:
             exact_precision[name] = exact_precision.get(name, 0) + 1 / sds[name] ** 2
             exact_mean[name] = exact_mean.get(name, 0) + means[name] / sds[name] ** 2
-    message = combine_fit(spec, str(root), str(tmp_path))
+    message = combine_fit(spec, str(root))
     assert message["ok"] and message["uri"].endswith("combined/")
     assert set(message["parameters"]) == {"mu", "s", "w[0]", "w[1]", "w[2]"}
 
@@ -148,7 +148,7 @@ def test_agreement_warns_about_a_shard_that_tells_another_story(tmp_path):
         if k == 3:
             u["mu"] = u["mu"] + 3.0  # six of its own SDs away from the others
         write_shard(root, spec, k, u)
-    combine_fit(spec, str(root), str(tmp_path))
+    combine_fit(spec, str(root))
     agreement = json.loads((root / "combined" / "agreement.json").read_text())
     flagged = [s["shard"] for s in agreement["shards"] if s["warning"]]
     assert flagged == [3] or 3 in flagged
@@ -166,7 +166,7 @@ def test_shards_with_different_numbers_of_draws(tmp_path):
     for k, (chains, draws) in enumerate([(2, 1500), (4, 200), (1, 999)]):
         u, _, _ = gaussian_u(rng, k, chains, draws)
         write_shard(root, spec, k, u)
-    combine_fit(spec, str(root), str(tmp_path))
+    combine_fit(spec, str(root))
     combined = from_parquet_bytes((root / "combined" / "draws.parquet").read_bytes())
     assert combined.constrained["mu"].shape == (2, 1500)
 
@@ -184,7 +184,7 @@ def test_refuses_a_missing_shard(tmp_path):
     for path in (root / "shards" / "1").iterdir():
         path.unlink()
     with pytest.raises(BadInput, match=r"shard 1 missing"):
-        combine_fit(spec, str(root), str(tmp_path))
+        combine_fit(spec, str(root))
     assert not (root / "combined").exists()
 
 
@@ -192,36 +192,36 @@ def test_refuses_an_incomplete_shard(tmp_path):
     spec, root = complete_fit(tmp_path)
     (root / "shards" / "2" / "_SUCCESS.json").unlink()
     with pytest.raises(BadInput, match=r"shard 2 incomplete \(draws but no _SUCCESS.json\)"):
-        combine_fit(spec, str(root), str(tmp_path))
+        combine_fit(spec, str(root))
 
 
 def test_refuses_a_shard_fitted_with_another_spec(tmp_path):
     spec, root = complete_fit(tmp_path)
     write_shard(root, spec, 1, gaussian_u(np.random.default_rng(0), 1, draws=200)[0], fingerprint="0123456789abcdef")
     with pytest.raises(BadInput, match=r"shard 1 was fitted with a different spec \(fingerprint 0123456789abcdef"):
-        combine_fit(spec, str(root), str(tmp_path))
+        combine_fit(spec, str(root))
 
 
 def test_refuses_nan_draws_naming_shard_and_column(tmp_path):
     spec, root = complete_fit(tmp_path)
     write_shard(root, spec, 2, gaussian_u(np.random.default_rng(0), 2, draws=200)[0], nan=True)
     with pytest.raises(BadInput, match=r"shard 2: 1 NaN or infinite draw value\(s\) in a \(first in column a\[1\]\)"):
-        combine_fit(spec, str(root), str(tmp_path))
+        combine_fit(spec, str(root))
 
 
 def test_a_finished_combination_is_returned_never_redone_or_overwritten(tmp_path):
     spec, root = complete_fit(tmp_path)
-    first = combine_fit(spec, str(root), str(tmp_path))
+    first = combine_fit(spec, str(root))
     stamp = (root / "combined" / "draws.parquet").stat().st_mtime_ns
-    assert combine_fit(spec, str(root), str(tmp_path)) == first
+    assert combine_fit(spec, str(root)) == first
     assert (root / "combined" / "draws.parquet").stat().st_mtime_ns == stamp
     other = parse({**spec.raw, "combine": {"method": "swiss", "groupParameters": "keep"}})
     # whether or not the combine settings are part of the fingerprint, it is refused
     with pytest.raises(BadInput, match="not overwritten|another spec"):
-        combine_fit(other, str(root), str(tmp_path))
+        combine_fit(other, str(root))
     changed = parse({**spec.raw, "sampler": {**spec.sampler, "seed": 9}})
     with pytest.raises(BadInput, match="another spec"):
-        combine_fit(changed, str(root), str(tmp_path))
+        combine_fit(changed, str(root))
     assert (root / "combined" / "draws.parquet").stat().st_mtime_ns == stamp
 
 
@@ -279,8 +279,8 @@ def test_end_to_end_sample_combine_resample_on_a_conjugate_model(tmp_path):
         }
     )
     for k in range(shards):
-        sample_shard(spec, k, str(root / "partition" / f"shard={k}"), None, str(root), str(tmp_path))
-    combine_fit(spec, str(root), str(tmp_path))
+        sample_shard(spec, k, str(root / "partition" / f"shard={k}"), None, str(root))
+    combine_fit(spec, str(root))
 
     groups = [np.unique(labels, return_counts=True) for labels, _ in tables]
     n = np.concatenate([c for _, c in groups])

@@ -29,7 +29,7 @@ def make_spec(uri, shards=5, seed=0, group="Patient"):
     return parse({
         "data": data,
         "shards": shards,
-        "model": {"python": {"uri": "examples/fvc_model.py", "function": "model"}},
+        "model": {"python": {"uri": str(REPO / "examples" / "fvc_model.py"), "function": "model"}},
         "sampler": {"seed": seed},
     })
 
@@ -186,7 +186,7 @@ def test_manifest_statistics_are_whole_data(data, tmp_path):
 def test_python_model_spec_reads_the_models_columns(data, tmp_path):
     table, folder = data
     spec = make_spec(folder)
-    message = partition_fit(spec, str(tmp_path / "fit"), str(REPO))
+    message = partition_fit(spec, str(tmp_path / "fit"))
     assert message == {"ok": True, "rows": table.num_rows, "groups": 300}
     manifest = manifest_of(tmp_path / "fit")
     assert set(manifest["stats"]) == {"Patient", "Weeks", "FVC"}
