@@ -40,9 +40,11 @@ sys.path.insert(0, str(REPO))
 
 from consensusfit.runner import combiner  # noqa: E402
 from consensusfit.runner.combine import METHODS  # noqa: E402
+from consensusfit.runner.balance import assign_groups, key_hashes  # noqa: E402
 from consensusfit.runner.models import ShardData, python_model  # noqa: E402
 from consensusfit.runner.sampling import SamplerSettings, run_nuts  # noqa: E402
 from consensusfit.runner.shard import sample_shard  # noqa: E402
+from consensusfit.runner.simulate import osic_like  # noqa: E402
 from consensusfit.runner.spec import parse  # noqa: E402
 
 MODEL = REPO / "examples" / "fvc_model.py"
@@ -50,30 +52,10 @@ GLOBALS = ("μ_α", "σ_α", "μ_β", "σ_β", "σ")
 RUNS = REPO / "consensusfit-runs" / "accuracy"
 
 
-def osic_like(patients: int, seed: int) -> pa.Table:
-    """OSIC-shaped data (see module docstring)."""
-    rng = np.random.default_rng(seed)
-    visits = rng.integers(6, 11, patients)
-    patient = np.repeat(np.arange(patients), visits)
-    weeks = np.concatenate([np.sort(rng.uniform(-5, 133, n)) for n in visits]).round()
-    alpha = rng.normal(2800, 700, patients)
-    beta = rng.normal(-4, 5, patients)
-    fvc = alpha[patient] + beta[patient] * weeks + rng.normal(0, 130, len(patient))
-    return pa.table({"Patient": np.array([f"P{p:05d}" for p in patient]), "Weeks": weeks, "FVC": fvc.round()})
-
-
 def partition(table: pa.Table, shards: int, seed: int) -> list[pa.Table]:
-    """Every patient in one shard; shards balanced by rows (largest patients first, greedy)."""
-    patient = table.column("Patient").to_numpy()
-    labels, index, counts = np.unique(patient, return_inverse=True, return_counts=True)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    order = order[np.argsort(-counts[order], kind="stable")]
-    rows = np.zeros(shards)
-    assignment = np.empty(len(labels), dtype=int)
-    for g in order:
-        k = int(np.argmin(rows))
-        assignment[g] = k
-        rows[k] += counts[g]
+    """Every patient in one shard, balanced by rows: the partition step's own assignment."""
+    labels, index, counts = np.unique(table.column("Patient").to_numpy(), return_inverse=True, return_counts=True)
+    assignment = assign_groups(counts, key_hashes(labels.tolist(), seed), shards)
     return [table.filter(pa.array(assignment[index] == k)) for k in range(shards)]
 
 
@@ -107,6 +89,29 @@ def reference(name: str, table: pa.Table, settings: SamplerSettings) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def longest_reference(name: str) -> dict:
+    """The cached reference run with the most draws for data set `name`."""
+
+    def draws_of(path):
+        warmup, samples, chains = map(int, path.stem.split("-")[1:])
+        return samples * chains
+
+    return json.loads(max((RUNS / name).glob("reference-*.json"), key=draws_of).read_text())
+
+
+def cached_run(description: str):
+    """For the experiments: parse --data/--shards/--run and return (args, root, reference, spec)
+    of a run this script sampled and cached."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", default="small")
+    parser.add_argument("--shards", type=int, default=20)
+    parser.add_argument("--run", default="w500-s1000-c2")
+    args = parser.parse_args()
+    root = RUNS / args.data / f"K{args.shards}-{args.run}"
+    sampler = dict(zip(("warmup", "samples", "chains"), (int(x[1:]) for x in args.run.split("-"))), seed=0)
+    return args, root, longest_reference(args.data), fit_spec(root, args.shards, sampler)
 
 
 def fit_spec(root: Path, shards: int, sampler: dict):

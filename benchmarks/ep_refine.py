@@ -23,8 +23,6 @@ model adds log N(u(θ); c_k, P_k⁻¹) as a factor, with u(θ) the site's own un
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -48,11 +46,9 @@ from consensusfit.runner import combiner  # noqa: E402
 from consensusfit.runner.combine import gaussian_product, moments  # noqa: E402
 from consensusfit.runner.sampling import SamplerSettings, run_nuts  # noqa: E402
 from consensusfit.runner.shard import shard_seed  # noqa: E402
-from consensusfit.runner.spec import parse  # noqa: E402
 from consensusfit.runner.tempering import temper  # noqa: E402
 
-RUNS = REPO / "consensusfit-runs" / "accuracy"
-GLOBALS = ("μ_α", "σ_α", "μ_β", "σ_β", "σ")
+from accuracy import GLOBALS, cached_run  # noqa: E402
 
 
 def with_cavity(fn, names, transforms, mean, precision):
@@ -75,28 +71,7 @@ def summarise(mean, cov, layout, transforms, rng, n=20000):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="small")
-    parser.add_argument("--shards", type=int, default=20)
-    parser.add_argument("--run", default="w500-s1000-c2")
-    args = parser.parse_args()
-    root = RUNS / args.data / f"K{args.shards}-{args.run}"
-    # the longest reference run kept by benchmarks/accuracy.py
-    def draws_of(path):
-        warmup, samples, chains = map(int, path.stem.split("-")[1:])
-        return samples * chains
-
-    reference = json.loads(max((RUNS / args.data).glob("reference-*.json"), key=draws_of).read_text())
-    sampler = dict(zip(("warmup", "samples", "chains"), (int(x[1:]) for x in args.run.split("-"))), seed=0)
-    spec = parse(
-        {
-            "data": {"uri": str(root / "partition"), "groupColumn": "Patient"},
-            "shards": args.shards,
-            "model": {"python": {"uri": str(REPO / "examples" / "fvc_model.py"), "function": "model"}},
-            "sampler": sampler,
-            "combine": {"method": "consensus", "groupParameters": "keep"},
-        }
-    )
+    args, root, reference, spec = cached_run(__doc__.splitlines()[0])
     store = combiner.open_store(str(root))
     shards = [combiner.read_shard(store, spec, k) for k in range(spec.shards)]
     layout = combiner.global_layout(shards)
@@ -123,8 +98,8 @@ def main() -> int:
             jnp.asarray(cavity_mean), jnp.asarray(cavity_precision),
         )
         settings = SamplerSettings(
-            warmup=sampler["warmup"], samples=sampler["samples"], chains=sampler["chains"],
-            seed=shard_seed(1000 + sampler["seed"], k),
+            warmup=spec.sampler["warmup"], samples=spec.sampler["samples"], chains=spec.sampler["chains"],
+            seed=shard_seed(1000 + spec.sampler["seed"], k),
         )
         samples = run_nuts(fn, model.arguments, settings)
         u = np.concatenate(

@@ -21,8 +21,6 @@ in u space). Other sites stay as they are (tempered with Jacobian, combined in u
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -45,11 +43,9 @@ from consensusfit.runner import combiner  # noqa: E402
 from consensusfit.runner.combine import METHODS, combine  # noqa: E402
 from consensusfit.runner.sampling import SamplerSettings, run_nuts  # noqa: E402
 from consensusfit.runner.shard import shard_seed  # noqa: E402
-from consensusfit.runner.spec import parse  # noqa: E402
 from consensusfit.runner.tempering import temper  # noqa: E402
 
-RUNS = REPO / "consensusfit-runs" / "accuracy"
-GLOBALS = ("μ_α", "σ_α", "μ_β", "σ_β", "σ")
+from accuracy import GLOBALS, cached_run  # noqa: E402
 
 
 class temper_density(Messenger):
@@ -65,28 +61,7 @@ class temper_density(Messenger):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="small")
-    parser.add_argument("--shards", type=int, default=20)
-    parser.add_argument("--run", default="w500-s1000-c2")
-    args = parser.parse_args()
-    root = RUNS / args.data / f"K{args.shards}-{args.run}"
-
-    def draws_of(path):
-        warmup, samples, chains = map(int, path.stem.split("-")[1:])
-        return samples * chains
-
-    reference = json.loads(max((RUNS / args.data).glob("reference-*.json"), key=draws_of).read_text())
-    sampler = dict(zip(("warmup", "samples", "chains"), (int(x[1:]) for x in args.run.split("-"))), seed=0)
-    spec = parse(
-        {
-            "data": {"uri": str(root / "partition"), "groupColumn": "Patient"},
-            "shards": args.shards,
-            "model": {"python": {"uri": str(REPO / "examples" / "fvc_model.py"), "function": "model"}},
-            "sampler": sampler,
-            "combine": {"method": "consensus", "groupParameters": "keep"},
-        }
-    )
+    args, root, reference, spec = cached_run(__doc__.splitlines()[0])
     store = combiner.open_store(str(root))
     layout = combiner.global_layout([combiner.read_shard(store, spec, 0)])
     names = list(layout)
@@ -103,8 +78,8 @@ def main() -> int:
             model = combiner.shard_model(spec, str(root), k, None, None)
             fn = temper_density(temper(model.fn, frozenset(others), 1.0 / spec.shards), frozenset(positive), 1.0 / spec.shards)
             settings = SamplerSettings(
-                warmup=sampler["warmup"], samples=sampler["samples"], chains=sampler["chains"],
-                seed=shard_seed(sampler["seed"], k),
+                warmup=spec.sampler["warmup"], samples=spec.sampler["samples"], chains=spec.sampler["chains"],
+                seed=shard_seed(spec.sampler["seed"], k),
             )
             samples = run_nuts(fn, model.arguments, settings)
             values = {n: samples.constrained[n] if n in positive else samples.unconstrained[n] for n in names}

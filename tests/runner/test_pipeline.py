@@ -1,17 +1,14 @@
 """`consensusfit run` end to end on a small fit: results, report, picture, reuse, Ctrl-C and resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from consensusfit.runner.cli import main
