@@ -38,16 +38,6 @@ def configure_precision() -> None:
     jax.config.update("jax_enable_x64", choice == "float64")
 
 
-def load_json(uri: str) -> dict:
-    from .storage import NotFound, split_uri
-
-    store, key = split_uri(uri)
-    try:
-        return json.loads(store.read_bytes(key))
-    except NotFound:
-        raise BadInput(f"{uri} does not exist") from None
-
-
 def write_termination_message(path: str, message: dict) -> None:
     """Best effort: the file exists only inside a Kubernetes container."""
     if not os.path.exists(path):
@@ -70,6 +60,7 @@ def write_termination_message(path: str, message: dict) -> None:
 
 
 def command_sample(args) -> dict:
+    from .data import shard_data_uri, whole_data_stats
     from .shard import sample_shard
 
     spec, _ = load(args.spec)
@@ -83,18 +74,9 @@ def command_sample(args) -> dict:
     except ValueError:
         raise BadInput(f"shard must be an integer, got {shard!r}") from None
     root = args.out.rstrip("/")
-    data_uri = (args.data or f"{root}/partition/shard={{shard}}/").replace("{shard}", str(shard))
-    stats_uri = args.stats or f"{root}/partition/manifest.json"
-    stats = load_json(stats_uri).get("stats") if (args.stats or _exists(stats_uri)) else None
+    stats = whole_data_stats(root, args.stats)
     configure_precision()
-    return sample_shard(spec, shard, data_uri, stats, root)
-
-
-def _exists(uri: str) -> bool:
-    from .storage import split_uri
-
-    store, key = split_uri(uri)
-    return store.exists(key)
+    return sample_shard(spec, shard, shard_data_uri(root, shard, args.data), stats, root)
 
 
 def command_partition(args) -> dict:

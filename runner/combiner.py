@@ -27,21 +27,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 
 from .agreement import agreement
 from .combine import combine
-from .data import read_table, shard_data
+from .completion import SUCCESS, check_fingerprint, completed, mark_complete
+from .data import model_and_data, shard_data_uri, whole_data_stats
 from .diagnostics import ess_bulk, ess_tail
 from .draws import Draws, Site, component_names, from_parquet_bytes, to_parquet_bytes
 from .errors import BadInput
-from .models import model_from_spec
 from .spec import FitSpec
 from .storage import NotFound, Store, open_store
 
-SUCCESS = "_SUCCESS.json"
 TERMINATION_LIMIT = 4096
 WARN_RHAT = 1.01
 
@@ -65,11 +63,7 @@ def check_shards_complete(root: Store, spec: FitSpec) -> None:
         except NotFound:
             (incomplete if shard.exists("draws.parquet") else missing).append(k)
             continue
-        if success.get("fingerprint") != fingerprint:
-            raise BadInput(
-                f"shard {k} was fitted with a different spec (fingerprint {success.get('fingerprint')}, "
-                f"this fit {fingerprint}): {shard.root}"
-            )
+        check_fingerprint(success, fingerprint, f"shard {k} ({shard.root})")
     if missing or incomplete:
         parts = []
         if missing:
@@ -165,30 +159,13 @@ class ShardModel:
     groups: list[str]
 
 
-def data_uri_for(out_uri: str, shard: int, data_uri: str | None) -> str:
-    return (data_uri or f"{out_uri.rstrip('/')}/partition/shard={{shard}}/").replace("{shard}", str(shard))
-
-
-def load_stats(root: Store, stats_uri: str | None) -> dict | None:
-    if stats_uri:
-        from .storage import split_uri
-
-        store, key = split_uri(stats_uri)
-        return json.loads(store.read_bytes(key)).get("stats")
-    try:
-        return json.loads(root.read_bytes("partition/manifest.json")).get("stats")
-    except NotFound:
-        return None
-
-
 def shard_model(
     spec: FitSpec, out_uri: str, shard: int, data_uri: str | None, stats_uri: str | None
 ) -> ShardModel:
     """The model and its arguments for one shard's data, prepared as the sample step did."""
-    stats = load_stats(open_store(out_uri), stats_uri)
-    model = model_from_spec(spec, stats)
-    uri = data_uri_for(out_uri, shard, data_uri)
-    data = shard_data(read_table(uri), model.columns, model.numeric, spec.group_column, f"shard {shard} ({uri})")
+    stats = whole_data_stats(out_uri, stats_uri)
+    uri = shard_data_uri(out_uri, shard, data_uri)
+    model, data = model_and_data(spec, stats, uri, f"shard {shard} ({uri})")
     return ShardModel(model.fn, model.prepare(data), [str(label) for label in data.group_labels])
 
 
@@ -333,11 +310,8 @@ def resample_shard(
     root = open_store(out_uri)
     store = root.child(f"combined/groups/{shard}")
     fingerprint = spec.fingerprint()
-    if store.exists(SUCCESS):
-        done = json.loads(store.read_bytes(SUCCESS))
-        if done.get("fingerprint") == fingerprint:
-            return done
-        raise BadInput(f"{store.root} holds group draws of another spec (fingerprint {done.get('fingerprint')})")
+    if done := completed(store, fingerprint):
+        return done
     if combined is None:
         try:
             combined = from_parquet_bytes(root.read_bytes("combined/draws.parquet"))
@@ -348,9 +322,7 @@ def resample_shard(
     result = resample_groups(model.fn, model.arguments, theta, _resample_settings(spec, shard))
     arrays = {**result.latent, **result.deterministic}
     if not arrays:
-        success = {"fingerprint": fingerprint, "files": {}, "note": "no group-level sites"}
-        store.write_bytes(SUCCESS, json.dumps(success, indent=1).encode())
-        return success
+        return mark_complete(store, fingerprint, {}, note="no group-level sites")
     sites = {
         name: Site(values.shape[2:], None, False, "latent" if name in result.latent else "deterministic")
         for name, values in arrays.items()
@@ -358,15 +330,13 @@ def resample_shard(
     metadata = {"fingerprint": fingerprint, "shard": shard, "shards": spec.shards, "groups": model.groups}
     data = to_parquet_bytes(Draws(arrays, {}, sites, metadata))
     store.write_bytes("draws.parquet", data)
-    success = {
-        "fingerprint": fingerprint,
-        "files": {"draws.parquet": len(data)},
-        "accept_prob": result.accept_prob,
-        "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    store.write_bytes(SUCCESS, json.dumps(success, indent=1).encode())
-    return success
+    return mark_complete(
+        store,
+        fingerprint,
+        {"draws.parquet": len(data)},
+        accept_prob=result.accept_prob,
+        seconds={k: round(v, 3) for k, v in result.seconds.items()},
+    )
 
 
 def _group_draws(root: Store, spec: FitSpec, k: int, shard: Draws) -> tuple[dict, list[str]]:
@@ -391,18 +361,8 @@ def combine_fit(
     root = open_store(out_uri)
     fingerprint = spec.fingerprint()
     combined_uri = root.uri("combined/")
-    if root.exists(f"combined/{SUCCESS}"):
-        done = json.loads(root.read_bytes(f"combined/{SUCCESS}"))
-        if done.get("fingerprint") != fingerprint:
-            raise BadInput(
-                f"{combined_uri} holds the combination of another spec (fingerprint "
-                f"{done.get('fingerprint')}, this fit {fingerprint}); write a changed fit elsewhere"
-            )
-        if done.get("combine") != spec.combine:
-            raise BadInput(
-                f"{combined_uri} already holds this fit combined with {done.get('combine')}; it is not "
-                f"overwritten: give the fit another output to combine with {spec.combine}"
-            )
+    # The fingerprint covers spec.combine, so a finished combination is this method's.
+    if completed(root.child("combined"), fingerprint):
         summary = json.loads(root.read_bytes("combined/summary.json"))
         return termination_message(combined_uri, {k: summary["parameters"][k] for k in summary["globals"]})
 
@@ -465,11 +425,5 @@ def combine_fit(
     summary_bytes = json.dumps(summary, indent=1, allow_nan=True).encode()
     root.write_bytes("combined/summary.json", summary_bytes)
     files["summary.json"] = len(summary_bytes)
-    success = {
-        "fingerprint": fingerprint,
-        "combine": spec.combine,
-        "files": files,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    root.write_bytes(f"combined/{SUCCESS}", json.dumps(success, indent=1).encode())
+    mark_complete(root.child("combined"), fingerprint, files, combine=spec.combine)
     return termination_message(combined_uri, {k: parameters[k] for k in globals_})

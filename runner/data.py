@@ -7,14 +7,15 @@ Every refusal names the column, the shard and how many rows are affected, so a u
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import BadInput
-from .models import ShardData
-from .storage import Store, open_store, split_uri
+from .models import Model, ShardData, model_from_spec
+from .storage import NotFound, Store, open_store, split_uri
 
 
 def parquet_keys(store: Store) -> list[str]:
@@ -80,3 +81,26 @@ def shard_data(
         return ShardData(arrays)
     labels, index = np.unique(arrays[group_column], return_inverse=True)
     return ShardData(arrays, group_column, labels, index.astype(np.int32))
+
+
+def model_and_data(spec, stats: dict | None, uri: str, where: str) -> tuple[Model, ShardData]:
+    """The spec's model and the checked rows at `uri` it will be fed (a shard, or all the data)."""
+    model = model_from_spec(spec, stats)
+    return model, shard_data(read_table(uri), model.columns, model.numeric, spec.group_column, where)
+
+
+def shard_data_uri(root: str, shard: int, data_uri: str | None = None) -> str:
+    """Where shard `shard`'s rows are: `data_uri` with {shard} filled in, else the partition's."""
+    return (data_uri or f"{root.rstrip('/')}/partition/shard={{shard}}/").replace("{shard}", str(shard))
+
+
+def whole_data_stats(root: str, stats_uri: str | None = None) -> dict | None:
+    """Whole-data statistics for priors: from `stats_uri` if given (it must exist), else from the
+    partition manifest under `root` if there is one."""
+    store, key = split_uri(stats_uri or f"{root.rstrip('/')}/partition/manifest.json")
+    try:
+        return json.loads(store.read_bytes(key)).get("stats")
+    except NotFound:
+        if stats_uri:
+            raise BadInput(f"{stats_uri} does not exist") from None
+        return None

@@ -41,7 +41,6 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 import numpy as np
@@ -50,6 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import balance
+from .completion import check_fingerprint, now
 from .colstats import ColumnStats, final, is_numeric_type, merge_partial
 from .errors import BadInput, TransientError
 from .groupcount import ExactCounter, HashCollision, HashCounter
@@ -127,7 +127,7 @@ def partition(
     fingerprint = spec.fingerprint()
     done = _read_json(out, MANIFEST)
     if done is not None:
-        _check_fingerprint(done, fingerprint, out.uri(MANIFEST))
+        check_fingerprint(done, fingerprint, out.uri(MANIFEST))
         log("partition: already complete")
         return _message(done["rows"], done["groups"])
 
@@ -144,7 +144,7 @@ def partition(
     marker = f"{WORKERS}/{worker}.json"
     previous = _read_json(out, marker)
     if previous is not None:
-        _check_fingerprint(previous, fingerprint, out.uri(marker))
+        check_fingerprint(previous, fingerprint, out.uri(marker))
     if previous is None or previous.get("workers") != workers:
         budget = memory_bytes or int(
             float(os.environ.get("CONSENSUSFIT_PARTITION_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
@@ -160,7 +160,7 @@ def partition(
             "per_shard_rows": own_rows.tolist(),
             "stats": stats,
             "plan": _plan_summary(spec, inputs, plan),
-            "finished": _now(),
+            "finished": now(),
         })
         log(f"partition: worker {worker} wrote its shards after {time.monotonic() - started:.1f}s")
     finalize_partition(spec, out_uri, workers)
@@ -173,7 +173,7 @@ def finalize_partition(spec, out_uri: str, workers: int) -> dict | None:
     fingerprint = spec.fingerprint()
     existing = _read_json(out, MANIFEST)
     if existing is not None:
-        _check_fingerprint(existing, fingerprint, out.uri(MANIFEST))
+        check_fingerprint(existing, fingerprint, out.uri(MANIFEST))
         return existing
     reports: dict[int, dict] = {}
     for key in out.list(f"{WORKERS}/"):
@@ -233,7 +233,7 @@ def finalize_partition(spec, out_uri: str, workers: int) -> dict | None:
         "data": spec.data["uri"],
         "columns": plan["columns"],
         "workers": workers,
-        "finished": _now(),
+        "finished": now(),
     }
     _write_json(out, MANIFEST, manifest)
     return manifest
@@ -536,14 +536,6 @@ def _message(rows: int, groups: int) -> dict:
     return {"ok": True, "rows": int(rows), "groups": int(groups)}
 
 
-def _check_fingerprint(document: dict, fingerprint: str, where: str) -> None:
-    if document.get("fingerprint") != fingerprint:
-        raise BadInput(
-            f"{where} was written for another spec (fingerprint {document.get('fingerprint')}, "
-            f"this spec {fingerprint})"
-        )
-
-
 def _read_json(store: Store, key: str) -> dict | None:
     try:
         return json.loads(store.read_bytes(key))
@@ -553,7 +545,3 @@ def _read_json(store: Store, key: str) -> dict | None:
 
 def _write_json(store: Store, key: str, document: dict) -> None:
     store.write_bytes(key, json.dumps(document, indent=1).encode())
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

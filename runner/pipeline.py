@@ -11,13 +11,12 @@ changed spec gets a new folder instead of overwriting the old one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,25 +25,22 @@ from .spec import FitSpec
 
 DEFAULT_OUTPUT = "./consensusfit-runs"
 
-
 def fit_root(spec: FitSpec) -> str:
     output = spec.output_uri or DEFAULT_OUTPUT
     if "://" not in output:
         output = str(Path(output).resolve())
     return f"{output.rstrip('/')}/{spec.namespace}/{spec.name}/local-{spec.fingerprint()}"
 
-
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
-
 
 @dataclass
 class Progress:
     """Status lines on stderr: phase, shards done, elapsed and remaining time."""
 
     total: int
-    started: float = dataclasses.field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
     write: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
     def elapsed(self) -> str:
@@ -60,7 +56,6 @@ class Progress:
             line += f", about {format_duration(per_shard * (self.total - done))} left"
         self.write(line)
 
-
 def shard_command(spec: FitSpec, root: str, shard: int) -> list[str]:
     """The command a shard pod runs, as a local process."""
     manifest = {"metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec.raw}
@@ -68,7 +63,6 @@ def shard_command(spec: FitSpec, root: str, shard: int) -> list[str]:
         sys.executable, "-m", "consensusfit.runner.cli", "--termination-log", os.devnull,
         "sample", "--spec", json.dumps(manifest), "--out", root, "--shard", str(shard),
     ]
-
 
 def _stop(processes) -> None:
     for process in processes:
@@ -78,7 +72,6 @@ def _stop(processes) -> None:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-
 
 def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress) -> None:
     """Run every shard as a process, at most `workers` at once; stop all on the first failure.
@@ -114,14 +107,12 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress) -> No
     finally:
         _stop(running.values())
 
-
 @dataclass(frozen=True)
 class FitResult:
     root: str
     summary: dict  # combined/summary.json
     diagnostics: list[dict]  # shards/<k>/diagnostics.json, in shard order
     reference: dict | None  # parameter -> summary of the full-data fit
-
 
 def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
     """Partition, sample every shard, combine, and optionally fit the full data for reference."""

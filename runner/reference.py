@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 
-from .data import read_table, shard_data
-from .models import model_from_spec
+from .data import model_and_data, whole_data_stats
 from .sampling import SamplerSettings, run_nuts
-from .shard import completed, mark_complete, parameter_diagnostics
+from .completion import completed, mark_complete
+from .shard import parameter_diagnostics
 from .spec import FitSpec
 from .storage import open_store
 from .tempering import resolve_global_sites
@@ -20,14 +20,11 @@ from .tempering import resolve_global_sites
 
 def reference_fit(spec: FitSpec, root: str) -> dict:
     """Summaries ({component: mean, sd, q05, q50, q95, rhat, ess_bulk, ess_tail}) of the globals."""
-    store = open_store(root)
-    folder = store.child("reference")
+    folder = open_store(root).child("reference")
     fingerprint = spec.fingerprint()
-    if completed(folder, fingerprint, "reference fit"):
+    if completed(folder, fingerprint):
         return json.loads(folder.read_bytes("summary.json"))
-    stats = json.loads(store.read_bytes("partition/manifest.json"))["stats"]
-    model = model_from_spec(spec, stats)
-    data = shard_data(read_table(spec.data["uri"]), model.columns, model.numeric, spec.group_column, "reference")
+    model, data = model_and_data(spec, whole_data_stats(root), spec.data["uri"], "reference")
     arguments = model.prepare(data)
     global_sites = resolve_global_sites(model.fn, arguments, model.prepare(data.doubled()), spec.global_sites)
     samples = run_nuts(model.fn, arguments, SamplerSettings.from_spec(spec.sampler), model.data_as_arguments)

@@ -11,46 +11,19 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from dataclasses import replace
 
 import numpy as np
 
-from .data import read_table, shard_data
+from .completion import completed, mark_complete
+from .data import model_and_data
 from .diagnostics import summarize
 from .draws import Draws, Site, scalar_components, to_parquet_bytes
 from .errors import BadInput
-from .models import model_from_spec
 from .sampling import SamplerSettings, Samples, run_nuts, tree_depth
 from .spec import FitSpec
-from .storage import NotFound, Store, open_store
+from .storage import open_store
 from .tempering import GlobalSites, resolve_global_sites, temper
-
-SUCCESS = "_SUCCESS.json"
-
-
-def completed(store: Store, fingerprint: str, what: str) -> dict | None:
-    """The `_SUCCESS.json` of a finished step with this fingerprint; None if not finished."""
-    try:
-        success = json.loads(store.read_bytes(SUCCESS))
-    except NotFound:
-        return None
-    if success.get("fingerprint") != fingerprint:
-        raise BadInput(
-            f"{what} at {store.root} was completed for another spec (fingerprint "
-            f"{success.get('fingerprint')}, this fit {fingerprint}); write a changed fit elsewhere"
-        )
-    return success
-
-
-def mark_complete(store: Store, fingerprint: str, files: dict[str, int]) -> None:
-    """Write `_SUCCESS.json` naming the step's files and their sizes: the step is complete."""
-    success = {
-        "fingerprint": fingerprint,
-        "files": files,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    store.write_bytes(SUCCESS, json.dumps(success, indent=1).encode())
-
 
 def shard_seed(seed: int, shard: int) -> int:
     """Independent, reproducible random streams per shard from one fit seed."""
@@ -101,19 +74,17 @@ def sample_shard(
         raise BadInput(f"shard {shard} is out of range: the fit has {spec.shards} shards (0..{spec.shards - 1})")
     store = open_store(out_uri).child(f"shards/{shard}")
     fingerprint = spec.fingerprint()
-    if completed(store, fingerprint, f"shard {shard}"):
+    if completed(store, fingerprint):
         return termination_summary(json.loads(store.read_bytes("diagnostics.json")))
 
     started = time.perf_counter()
-    model = model_from_spec(spec, stats)
-    where = f"shard {shard} ({data_uri})"
-    data = shard_data(read_table(data_uri), model.columns, model.numeric, spec.group_column, where)
+    model, data = model_and_data(spec, stats, data_uri, f"shard {shard} ({data_uri})")
     arguments = model.prepare(data)
     global_sites = resolve_global_sites(
         model.fn, arguments, model.prepare(data.doubled()), spec.global_sites
     )
     settings = SamplerSettings.from_spec(spec.sampler)
-    settings = SamplerSettings(**{**settings.__dict__, "seed": shard_seed(settings.seed, shard)})
+    settings = replace(settings, seed=shard_seed(settings.seed, shard))
     tempered = temper(model.fn, frozenset(global_sites.latent), 1.0 / spec.shards)
     loaded = time.perf_counter()
 

@@ -198,7 +198,7 @@ def test_refuses_an_incomplete_shard(tmp_path):
 def test_refuses_a_shard_fitted_with_another_spec(tmp_path):
     spec, root = complete_fit(tmp_path)
     write_shard(root, spec, 1, gaussian_u(np.random.default_rng(0), 1, draws=200)[0], fingerprint="0123456789abcdef")
-    with pytest.raises(BadInput, match=r"shard 1 was fitted with a different spec \(fingerprint 0123456789abcdef"):
+    with pytest.raises(BadInput, match=r"shard 1 \(.*\) was completed for another spec \(fingerprint 0123456789abcdef"):
         combine_fit(spec, str(root))
 
 

@@ -1,0 +1,47 @@
+"""Completion markers: how every step says "done, for this spec" and refuses another spec's output.
+
+A step writes its files first and a marker last (`_SUCCESS.json`, or the partition manifest), with
+the fit's fingerprint. A reader trusts only a marker with its own fingerprint, so a crash never
+leaves something that looks complete, and a retried step with the same spec returns at once. A
+marker with another fingerprint is refused, never overwritten: a changed fit goes elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from .errors import BadInput
+from .storage import NotFound, Store
+
+SUCCESS = "_SUCCESS.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_fingerprint(document: dict, fingerprint: str, where: str) -> None:
+    """Refuse a marker written for another spec."""
+    if document.get("fingerprint") != fingerprint:
+        raise BadInput(
+            f"{where} was completed for another spec (fingerprint {document.get('fingerprint')}, "
+            f"this fit {fingerprint}); write a changed fit elsewhere"
+        )
+
+
+def completed(store: Store, fingerprint: str, marker: str = SUCCESS) -> dict | None:
+    """The marker of a finished step with this fingerprint; None if the step has not finished."""
+    try:
+        document = json.loads(store.read_bytes(marker))
+    except NotFound:
+        return None
+    check_fingerprint(document, fingerprint, store.uri(marker))
+    return document
+
+
+def mark_complete(store: Store, fingerprint: str, files: dict[str, int], **extra) -> dict:
+    """Write `_SUCCESS.json` naming the step's files and their sizes: the step is complete."""
+    document = {"fingerprint": fingerprint, "files": files, **extra, "finished": now()}
+    store.write_bytes(SUCCESS, json.dumps(document, indent=1, ensure_ascii=False).encode())
+    return document
