@@ -83,10 +83,15 @@ def shard_data(
     return ShardData(arrays, group_column, labels, index.astype(np.int32))
 
 
+def model_rows(model: Model, spec, uri: str, where: str) -> ShardData:
+    """The checked rows at `uri` (a shard, or all the data) that `model` will be fed."""
+    return shard_data(read_table(uri), model.columns, model.numeric, spec.group_column, where)
+
+
 def model_and_data(spec, stats: dict | None, uri: str, where: str) -> tuple[Model, ShardData]:
-    """The spec's model and the checked rows at `uri` it will be fed (a shard, or all the data)."""
+    """The spec's model and the checked rows at `uri` it will be fed."""
     model = model_from_spec(spec, stats)
-    return model, shard_data(read_table(uri), model.columns, model.numeric, spec.group_column, where)
+    return model, model_rows(model, spec, uri, where)
 
 
 def shard_data_uri(root: str, shard: int, data_uri: str | None = None) -> str:
@@ -94,13 +99,21 @@ def shard_data_uri(root: str, shard: int, data_uri: str | None = None) -> str:
     return (data_uri or f"{root.rstrip('/')}/partition/shard={{shard}}/").replace("{shard}", str(shard))
 
 
+def partition_manifest(root: str) -> dict | None:
+    """The partition step's manifest under `root`, if the data were partitioned there."""
+    try:
+        return json.loads(open_store(root).read_bytes("partition/manifest.json"))
+    except NotFound:
+        return None
+
+
 def whole_data_stats(root: str, stats_uri: str | None = None) -> dict | None:
     """Whole-data statistics for priors: from `stats_uri` if given (it must exist), else from the
     partition manifest under `root` if there is one."""
-    store, key = split_uri(stats_uri or f"{root.rstrip('/')}/partition/manifest.json")
+    if stats_uri is None:
+        return (partition_manifest(root) or {}).get("stats")
+    store, key = split_uri(stats_uri)
     try:
         return json.loads(store.read_bytes(key)).get("stats")
     except NotFound:
-        if stats_uri:
-            raise BadInput(f"{stats_uri} does not exist") from None
-        return None
+        raise BadInput(f"{stats_uri} does not exist") from None

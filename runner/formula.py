@@ -19,6 +19,11 @@ Parameters (NumPyro sites; names follow bambi):
 
 The parameters mean the model as written: predictors are neither centred nor scaled.
 
+Padding. A shard padded to a shape bucket (`ShardData.padded`) passes its row mask as `mask`: the
+likelihood of padding rows is masked out, and padding groups (no rows) keep only their standard
+normal offsets, which do not touch any other parameter. The log density of the real parameters is
+exactly the unpadded one.
+
 Groups and shards. A grouping factor equal to the fit's group column (`spec.data.groupColumn`, the
 column the data are sharded by) is indexed by the shard's dense group index: its per-group sites
 have one entry per group of the shard (local sites: never tempered). A factor nested in it
@@ -349,6 +354,8 @@ def make_prepare(structure: Structure):
             "y": _response(structure, shard.columns[structure.parsed.response]),
             "X": design(structure.common, shard.columns, coded, rows),
         }
+        if shard.row_mask is not None:
+            arguments["mask"] = shard.row_mask
         for i, block in enumerate(structure.blocks):
             index, groups = _group_index(block, shard, coded, variables)
             arguments[f"Z{i}"] = design(block.columns, shard.columns, coded, rows)
@@ -367,7 +374,7 @@ def make_fn(structure: Structure):
     family = structure.family
     response = structure.parsed.response
 
-    def model(y=None, X=None, **data):
+    def model(y=None, X=None, mask=None, **data):
         if X.shape[1]:
             beta = jnp.stack([numpyro.sample(c.name, priors[c.name].distribution()) for c in common])
             eta = X @ beta
@@ -401,6 +408,8 @@ def make_fn(structure: Structure):
         else:
             alpha = numpyro.sample("alpha", priors["alpha"].distribution())
             likelihood = dist.NegativeBinomial2(jnp.exp(eta), alpha)
+        if mask is not None:  # a padded shard: padding rows add nothing
+            likelihood = likelihood.mask(mask)
         numpyro.sample(response, likelihood.to_event(1), obs=y)
 
     return model

@@ -37,6 +37,7 @@ class ShardData:
     group_column: str | None = None
     group_labels: np.ndarray = field(default_factory=lambda: np.array([]))
     group_index: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int32))
+    row_mask: np.ndarray | None = None  # set on a padded shard: True for real rows
 
     @property
     def rows(self) -> int:
@@ -59,6 +60,28 @@ class ShardData:
         index = np.concatenate([self.group_index, self.group_index + self.groups])
         return ShardData(columns, self.group_column, labels, index)
 
+    def padded(self, rows: int, groups: int) -> "ShardData":
+        """The shard padded to `rows` rows and `groups` groups (shape buckets, runner/buckets.py).
+
+        Padding rows repeat row 0 (valid values of every column, so every log density stays
+        finite) and belong to group 0; `row_mask` marks them, and a model that honours it drops
+        their likelihood. Padding groups have no rows, so their parameters are drawn from their
+        prior, which integrates to one: the posterior of the real parameters is exactly the
+        shard's own.
+        """
+        if rows < self.rows or groups < self.groups:
+            raise ValueError(f"cannot pad {self.rows} rows / {self.groups} groups down to {rows} / {groups}")
+        extra = rows - self.rows
+        columns = {name: np.concatenate([values, np.repeat(values[:1], extra)]) for name, values in self.columns.items()}
+        mask = np.arange(rows) < self.rows
+        if self.group_column is None:
+            return ShardData(columns, row_mask=mask)
+        labels = np.concatenate(
+            [self.group_labels.astype(object), np.array([f"<padding {i}>" for i in range(groups - self.groups)], dtype=object)]
+        )
+        index = np.concatenate([self.group_index, np.zeros(extra, dtype=self.group_index.dtype)])
+        return ShardData(columns, self.group_column, labels, index, mask)
+
 
 @dataclass(frozen=True)
 class Model:
@@ -69,7 +92,8 @@ class Model:
     numeric: the subset of `columns` that must be numeric and finite.
     prepare: shard data -> keyword arguments of `fn` (NumPy arrays or Python values).
     data_as_arguments: whether `fn` can take its arrays as traced JAX values (it computes no shape
-        from their contents), so one compiled sampler serves every shard of the same shapes.
+        from their contents) and honours a padded shard's `row_mask`: then shards padded to one
+        shape bucket share one compiled sampler.
     """
 
     fn: Callable[..., Any]

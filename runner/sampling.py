@@ -1,18 +1,22 @@
-"""NUTS on one shard, with every phase timed.
+"""NUTS on one shard or on a batch of shards at once, with every phase timed.
 
-The warmup and sampling loops are `lax.scan`s compiled ahead of time, so compilation is measured
-on its own instead of hiding inside warmup. Chains are vectorised (`vmap`): one compiled program
-runs all chains, which is what a GPU wants. When the model allows it (`data_as_arguments`), its
-data are arguments of the compiled program rather than constants baked into it, so shards of equal
-shapes can share one compilation; Python models that compute shapes from their data (the thread's
-`len(np.unique(patient))`) need their data as constants.
+The warmup and sampling loops are `lax.scan`s compiled ahead of time (`CompiledNuts`), so
+compilation is measured on its own instead of hiding inside warmup, and a compiled program is
+reused for every batch of the same shapes. Chains are vectorised (`vmap`), and so are shards: one
+program runs B shards × C chains, which is what fills a GPU when one shard is too small to.
+
+When the model allows it (`data_as_arguments`), its data are arguments of the compiled program
+rather than constants baked into it, so shards of equal (padded) shapes share one compilation, in
+this process and, through the persistent cache, across processes. Python models that compute
+shapes from their data (the thread's `len(np.unique(patient))`) need their data as constants: they
+compile per shard, one shard at a time.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +79,130 @@ def tree_depth(num_steps: np.ndarray) -> np.ndarray:
     return np.ceil(np.log2(np.asarray(num_steps) + 1))
 
 
+def _stack(trees: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _batched_shape(tree: Any, batch: int) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch,) + tuple(x.shape), x.dtype), tree)
+
+
+class CompiledNuts:
+    """Warmup and sampling programs for `batch` shards of one shape, compiled once.
+
+    `example` is one shard's arguments: it fixes the shapes (and, for a model that needs its data
+    as constants, the data themselves). `run` then samples any batch of shards of those shapes.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        example: dict[str, Any],
+        settings: SamplerSettings,
+        batch: int = 1,
+        data_as_arguments: bool = False,
+    ):
+        if batch > 1 and not data_as_arguments:
+            raise ValueError("only a model that takes its data as arguments can sample shards in a batch")
+        started = time.perf_counter()
+        self.model, self.settings, self.batch = model, settings, batch
+        self.data_as_arguments = data_as_arguments
+        self._example_given = example
+        self.example = self._device(example)
+        arrays, self.constants = self._split(self.example)
+        self.kernel = self._kernel()
+        state = self._init(self.kernel, self.example, settings.seed)
+        self._example_state = state  # reused when `run` gets the example with the settings' seed
+
+        def advance(state, data):
+            return self.kernel.sample(state, (), {**data, **self.constants})
+
+        def warmup(state, data):
+            step = jax.vmap(advance)
+            return lax.scan(lambda s, _: (step(s, data), None), state, None, length=settings.warmup)[0]
+
+        def sample(state, data):
+            def step(s, _):
+                s = jax.vmap(advance)(s, data)
+                return s, (s.z, s.diverging, s.num_steps)
+
+            return lax.scan(step, state, None, length=settings.samples)
+
+        shapes = (_batched_shape(state, batch), _batched_shape(arrays, batch))
+        self.warmup_program = jax.jit(warmup).lower(*shapes).compile()
+        self.sample_program = jax.jit(sample).lower(*shapes).compile()
+        self.compile_seconds = time.perf_counter() - started
+
+    def _device(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return to_device(arguments) if self.data_as_arguments else arguments
+
+    def _split(self, arguments: dict[str, Any]) -> tuple[dict, dict]:
+        """(arrays traced as arguments, constants baked into the program)."""
+        arrays = {k: v for k, v in arguments.items() if self.data_as_arguments and isinstance(v, jax.Array)}
+        return arrays, {k: v for k, v in arguments.items() if k not in arrays}
+
+    def _kernel(self) -> NUTS:
+        return NUTS(
+            self.model,
+            target_accept_prob=self.settings.target_accept_prob,
+            max_tree_depth=self.settings.max_tree_depth,
+        )
+
+    def _init(self, kernel: NUTS, arguments: dict[str, Any], seed: int):
+        keys = random.split(random.PRNGKey(seed), self.settings.chains)
+        return kernel.init(keys, self.settings.warmup, model_kwargs=arguments)
+
+    def run(self, arguments: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Samples]:
+        """Warm up and sample shard i of `arguments` with seed i; one `Samples` per shard."""
+        if len(arguments) != len(seeds) or not 0 < len(arguments) <= self.batch:
+            raise ValueError(f"{len(arguments)} shards and {len(seeds)} seeds for a batch of {self.batch}")
+        started = time.perf_counter()
+        is_example = [a is self._example_given or a is self.example for a in arguments]
+        if not self.data_as_arguments and not all(is_example):
+            raise ValueError("a model with its data as constants samples only the data it was compiled for")
+        arguments = [self.example if known else self._device(a) for a, known in zip(arguments, is_example)]
+        # A NUTS kernel keeps state from `init` (its chain-vectorised step), so each shard
+        # starts from a fresh kernel; the compiled programs only need the states.
+        states = [
+            self._example_state if known and seed == self.settings.seed else self._init(self._kernel(), a, seed)
+            for a, seed, known in zip(arguments, seeds, is_example)
+        ]
+        data = [self._split(a)[0] for a in arguments]
+        padding = self.batch - len(arguments)  # a short last batch repeats its first shard
+        state, data_batch = _stack(states + states[:1] * padding), _stack(data + data[:1] * padding)
+        initialised = time.perf_counter()
+
+        state = jax.block_until_ready(self.warmup_program(state, data_batch))
+        warmed = time.perf_counter()
+        state, (z, diverging, num_steps) = jax.block_until_ready(self.sample_program(state, data_batch))
+        sampled = time.perf_counter()
+
+        seconds = {
+            "compile": self.compile_seconds,
+            "init": initialised - started,
+            "warmup": warmed - initialised,
+            "sampling": sampled - warmed,
+        }
+        self.compile_seconds = 0.0  # later batches reuse the programs
+        results = []
+        for i, shard_arguments in enumerate(arguments):
+            # scan stacks draws first: (draws, shards, chains, ...) -> (chains, draws, ...)
+            shard_z = jax.tree.map(lambda x: jnp.swapaxes(x[:, i], 0, 1), z)
+            postprocess = self.kernel.postprocess_fn((), shard_arguments)
+            constrained = jax.vmap(jax.vmap(postprocess))(shard_z)
+            results.append(
+                Samples(
+                    unconstrained={name: np.asarray(value) for name, value in shard_z.items()},
+                    constrained={name: np.asarray(value) for name, value in constrained.items()},
+                    diverging=np.asarray(diverging[:, i]).T,
+                    num_steps=np.asarray(num_steps[:, i]).T,
+                    step_size=np.asarray(state.adapt_state.step_size[i]),
+                    seconds=dict(seconds),
+                )
+            )
+        return results
+
+
 def run_nuts(
     model: Callable,
     arguments: dict[str, Any],
@@ -82,56 +210,5 @@ def run_nuts(
     data_as_arguments: bool = False,
 ) -> Samples:
     """Warm up and sample `settings.chains` vectorised NUTS chains of `model(**arguments)`."""
-    started = time.perf_counter()
-    if data_as_arguments:
-        arguments = to_device(arguments)
-    kernel = NUTS(
-        model,
-        target_accept_prob=settings.target_accept_prob,
-        max_tree_depth=settings.max_tree_depth,
-    )
-    arrays = {
-        k: v for k, v in arguments.items() if data_as_arguments and isinstance(v, jax.Array)
-    }
-    constants = {k: v for k, v in arguments.items() if k not in arrays}
-    keys = random.split(random.PRNGKey(settings.seed), settings.chains)
-    state = kernel.init(keys, settings.warmup, model_kwargs=arguments)
-
-    def advance(state, data):
-        return kernel.sample(state, (), {**data, **constants})
-
-    def warmup(state, data):
-        return lax.scan(lambda s, _: (advance(s, data), None), state, None, length=settings.warmup)[0]
-
-    def sample(state, data):
-        def step(s, _):
-            s = advance(s, data)
-            return s, (s.z, s.diverging, s.num_steps)
-
-        return lax.scan(step, state, None, length=settings.samples)
-
-    warmup_program = jax.jit(warmup).lower(state, arrays).compile()
-    sample_program = jax.jit(sample).lower(state, arrays).compile()
-    compiled = time.perf_counter()
-
-    state = jax.block_until_ready(warmup_program(state, arrays))
-    warmed = time.perf_counter()
-    state, (z, diverging, num_steps) = jax.block_until_ready(sample_program(state, arrays))
-    sampled = time.perf_counter()
-
-    # scan stacks draws first: (draws, chains, ...) -> (chains, draws, ...)
-    z = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), z)
-    postprocess = kernel.postprocess_fn((), arguments)
-    constrained = jax.vmap(jax.vmap(postprocess))(z)
-    return Samples(
-        unconstrained={name: np.asarray(value) for name, value in z.items()},
-        constrained={name: np.asarray(value) for name, value in constrained.items()},
-        diverging=np.asarray(diverging).T,
-        num_steps=np.asarray(num_steps).T,
-        step_size=np.asarray(state.adapt_state.step_size),
-        seconds={
-            "compile": compiled - started,
-            "warmup": warmed - compiled,
-            "sampling": sampled - warmed,
-        },
-    )
+    sampler = CompiledNuts(model, arguments, settings, 1, data_as_arguments)
+    return sampler.run([sampler.example], [settings.seed])[0]

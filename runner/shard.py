@@ -1,29 +1,41 @@
-"""The `sample` step: tempered NUTS on one shard, draws and diagnostics to the store.
+"""The `sample` step: tempered NUTS on one shard or several, draws and diagnostics to the store.
 
 Files land under `<root>/shards/<k>/` in the order draws, diagnostics, `_SUCCESS.json`: a reader
 trusts a shard only when `_SUCCESS.json` is there with the fit's fingerprint, so a crash at any
 point leaves nothing that looks complete. A shard already completed for this fingerprint is not
 sampled again (a retried pod returns at once); one completed for another fingerprint is refused,
 never overwritten.
+
+Several shards in one process (`spec.runner.shardsPerPod`): a model that takes its data as
+arguments (formula models) pads every shard to the fit's shape bucket (runner/buckets.py) and
+samples them all in one vectorised program, compiled once; the padding is trimmed off the draws.
+Other models sample their shards one after the other. Either way shards are read in background
+threads while the first compiles, and written in background threads while the next is summarised.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 
+from .buckets import Bucket, fit_bucket
 from .completion import completed, mark_complete
-from .data import model_and_data
+from .data import model_rows
 from .diagnostics import summarize
 from .draws import Draws, Site, scalar_components, to_parquet_bytes
 from .errors import BadInput
-from .sampling import SamplerSettings, Samples, run_nuts, tree_depth
+from .models import Model, ShardData, model_from_spec
+from .sampling import CompiledNuts, SamplerSettings, Samples, tree_depth
 from .spec import FitSpec
-from .storage import open_store
+from .storage import Store, open_store
 from .tempering import GlobalSites, resolve_global_sites, temper
+
+IO_THREADS = 4
 
 def shard_seed(seed: int, shard: int) -> int:
     """Independent, reproducible random streams per shard from one fit seed."""
@@ -66,58 +78,203 @@ def termination_summary(diagnostics: dict) -> dict:
     }
 
 
-def sample_shard(
-    spec: FitSpec, shard: int, data_uri: str, stats: dict | None, out_uri: str
-) -> dict:
-    """Sample shard `shard` of `spec` from `data_uri`; write under `out_uri`; return a summary."""
-    if not 0 <= shard < spec.shards:
-        raise BadInput(f"shard {shard} is out of range: the fit has {spec.shards} shards (0..{spec.shards - 1})")
-    store = open_store(out_uri).child(f"shards/{shard}")
-    fingerprint = spec.fingerprint()
-    if completed(store, fingerprint):
-        return termination_summary(json.loads(store.read_bytes("diagnostics.json")))
+def pod_summary(summaries: list[dict]) -> dict:
+    """One shard's summary as it is; several shards' as their worst case (the pod's report)."""
+    if len(summaries) == 1:
+        return summaries[0]
+    return {
+        "ok": True,
+        "shards": [s["shard"] for s in summaries],
+        "rhatMax": max(s["rhatMax"] for s in summaries),
+        "essBulkMin": min(s["essBulkMin"] for s in summaries),
+        "divergences": sum(s["divergences"] for s in summaries),
+        "seconds": max(s["seconds"] for s in summaries),
+    }
 
+
+def trimmed(samples: Samples, shapes: dict[str, tuple[int, ...]]) -> Samples:
+    """The draws of a padded shard cut back to the shard's own site shapes."""
+
+    def cut(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            name: value[(slice(None), slice(None)) + tuple(slice(0, n) for n in shapes[name])]
+            if name in shapes else value
+            for name, value in values.items()
+        }
+
+    return replace(samples, unconstrained=cut(samples.unconstrained), constrained=cut(samples.constrained))
+
+
+@dataclass
+class LoadedShard:
+    """One shard's rows, read and checked (in a background thread)."""
+
+    shard: int
+    store: Store
+    data: ShardData
+    seconds: float
+
+
+def _load(model: Model, spec: FitSpec, shard: int, uri: str, store: Store) -> LoadedShard:
     started = time.perf_counter()
-    model, data = model_and_data(spec, stats, data_uri, f"shard {shard} ({data_uri})")
-    arguments = model.prepare(data)
-    global_sites = resolve_global_sites(
-        model.fn, arguments, model.prepare(data.doubled()), spec.global_sites
-    )
-    settings = SamplerSettings.from_spec(spec.sampler)
-    settings = replace(settings, seed=shard_seed(settings.seed, shard))
-    tempered = temper(model.fn, frozenset(global_sites.latent), 1.0 / spec.shards)
-    loaded = time.perf_counter()
+    data = model_rows(model, spec, uri, f"shard {shard} ({uri})")
+    return LoadedShard(shard, store, data, time.perf_counter() - started)
 
-    samples = run_nuts(tempered, arguments, settings, model.data_as_arguments)
-    written_started = time.perf_counter()
+
+@dataclass
+class PreparedShard:
+    """A loaded shard as the sampler gets it: its global sites, its (padded) arguments, its seed."""
+
+    loaded: LoadedShard
+    global_sites: GlobalSites
+    arguments: dict[str, Any]
+    seed: int
+    seconds: float
+
+
+def _prepare(model: Model, spec: FitSpec, loaded: LoadedShard, bucket: Bucket | None) -> PreparedShard:
+    # Tracing runs on the main thread: NumPyro's handler stack is global.
+    started = time.perf_counter()
+    data = loaded.data
+    global_sites = resolve_global_sites(
+        model.fn, model.prepare(data), model.prepare(data.doubled()), spec.global_sites
+    )
+    arguments = model.prepare(data.padded(bucket.rows, bucket.groups) if bucket else data)
+    seed = shard_seed(spec.sampler["seed"], loaded.shard)
+    return PreparedShard(loaded, global_sites, arguments, seed, loaded.seconds + time.perf_counter() - started)
+
+
+def _write(spec: FitSpec, prepared: PreparedShard, samples: Samples, settings: SamplerSettings, bucket) -> dict:
+    """Draws, diagnostics and the marker of one sampled shard; its termination summary."""
+    started = time.perf_counter()
+    loaded, global_sites = prepared.loaded, prepared.global_sites
+    samples = trimmed(samples, global_sites.shapes)
+    fingerprint = spec.fingerprint()
     metadata = {
         "fingerprint": fingerprint,
-        "shard": shard,
+        "shard": loaded.shard,
         "shards": spec.shards,
-        "groups": [str(label) for label in data.group_labels],
+        "groups": [str(label) for label in loaded.data.group_labels],
     }
     draws_bytes = to_parquet_bytes(shard_draws(samples, global_sites, metadata))
+    depth = tree_depth(samples.num_steps)
     diagnostics = {
-        "shard": shard,
+        "shard": loaded.shard,
         "shards": spec.shards,
         "fingerprint": fingerprint,
-        "rows": data.rows,
-        "groups": data.groups,
+        "rows": loaded.data.rows,
+        "groups": loaded.data.groups,
+        "padded": {"rows": bucket.rows, "groups": bucket.groups} if bucket else None,
         "global_sites": global_sites.latent,
         "parameters": parameter_diagnostics(samples, global_sites.latent),
         "divergences": int(samples.diverging.sum()),
-        "mean_tree_depth": float(tree_depth(samples.num_steps).mean()),
-        "max_tree_depth_hits": int((tree_depth(samples.num_steps) >= settings.max_tree_depth).sum()),
+        "mean_tree_depth": float(depth.mean()),
+        "max_tree_depth_hits": int((depth >= settings.max_tree_depth).sum()),
+        "gradient_evaluations": int(samples.num_steps.sum()),
         "step_size": [float(s) for s in samples.step_size],
-        "seconds": {"load": loaded - started, **samples.seconds},
+        "seconds": {"load": prepared.seconds, **samples.seconds},
     }
-    store.write_bytes("draws.parquet", draws_bytes)
+    loaded.store.write_bytes("draws.parquet", draws_bytes)
     # Write time covers serialising and storing the draws, the bulk of the output.
-    diagnostics["seconds"]["write"] = time.perf_counter() - written_started
+    diagnostics["seconds"]["write"] = time.perf_counter() - started
     diagnostics["seconds"] = {k: round(v, 3) for k, v in diagnostics["seconds"].items()}
     diagnostics_bytes = json.dumps(diagnostics, indent=1).encode()
-    store.write_bytes("diagnostics.json", diagnostics_bytes)
+    loaded.store.write_bytes("diagnostics.json", diagnostics_bytes)
     mark_complete(
-        store, fingerprint, {"draws.parquet": len(draws_bytes), "diagnostics.json": len(diagnostics_bytes)}
+        loaded.store, fingerprint, {"draws.parquet": len(draws_bytes), "diagnostics.json": len(diagnostics_bytes)}
     )
     return termination_summary(diagnostics)
+
+
+def _same_global_sites(prepared: list[PreparedShard]) -> None:
+    first = prepared[0]
+    for other in prepared[1:]:
+        if other.global_sites.latent != first.global_sites.latent:
+            raise BadInput(
+                f"shard {other.loaded.shard} has global sites {other.global_sites.latent}, shard "
+                f"{first.loaded.shard} {first.global_sites.latent}: declare spec.model.globalSites"
+            )
+
+
+def sample_shards(
+    spec: FitSpec,
+    shards: list[int],
+    data_uri: Callable[[int], str],
+    stats: dict | None,
+    out_uri: str,
+    shard_sizes: list[dict] | None = None,
+    pad: bool = True,
+) -> dict:
+    """Sample `shards` of `spec` (rows of shard k at `data_uri(k)`), write under `out_uri`.
+
+    `shard_sizes` (the partition manifest's per-shard rows and groups) sets the fit's shape
+    bucket; `pad=False` samples every shard at its own shapes (for comparison). Returns the pod's
+    termination summary (`pod_summary`).
+    """
+    root = open_store(out_uri)
+    fingerprint = spec.fingerprint()
+    summaries: dict[int, dict] = {}
+    todo = []
+    for k in shards:
+        if not 0 <= k < spec.shards:
+            raise BadInput(f"shard {k} is out of range: the fit has {spec.shards} shards (0..{spec.shards - 1})")
+        store = root.child(f"shards/{k}")
+        if completed(store, fingerprint):
+            summaries[k] = termination_summary(json.loads(store.read_bytes("diagnostics.json")))
+        else:
+            todo.append((k, store))
+    if todo:
+        model = model_from_spec(spec, stats)
+        settings = SamplerSettings.from_spec(spec.sampler)
+        with ThreadPoolExecutor(IO_THREADS) as io:
+            loads = [io.submit(_load, model, spec, k, data_uri(k), store) for k, store in todo]
+            if model.data_as_arguments:
+                written = _sample_together(spec, model, settings, loads, shard_sizes if pad else None, pad, io)
+            else:
+                written = _sample_one_by_one(spec, model, settings, loads, io)
+            summaries.update({summary["shard"]: summary for summary in (f.result() for f in written)})
+    return pod_summary([summaries[k] for k in shards])
+
+
+def _sampler(spec: FitSpec, model: Model, settings, first: PreparedShard, batch: int) -> CompiledNuts:
+    """The compiled sampler of `batch` shards shaped like `first` (whose own start is reused)."""
+    tempered = temper(model.fn, frozenset(first.global_sites.latent), 1.0 / spec.shards)
+    settings = replace(settings, seed=first.seed)
+    return CompiledNuts(tempered, first.arguments, settings, batch, model.data_as_arguments)
+
+
+def _sample_together(
+    spec: FitSpec, model: Model, settings: SamplerSettings, loads: list[Future], shard_sizes, pad: bool, io
+) -> list[Future]:
+    """All shards padded to one bucket, in one vectorised program compiled while the rest load."""
+    first = loads[0].result()
+    if shard_sizes or not pad:
+        bucket = fit_bucket(shard_sizes, first.data.rows, first.data.groups) if pad else None
+        prepared = [_prepare(model, spec, first, bucket)]
+        sampler = _sampler(spec, model, settings, prepared[0], len(loads))
+        prepared += [_prepare(model, spec, f.result(), bucket) for f in loads[1:]]
+        if not pad and len({tuple(np.shape(v) for v in p.arguments.values()) for p in prepared}) > 1:
+            raise BadInput("shards of different shapes sample together only when padded")
+    else:  # no manifest: the bucket of the largest shard of this batch
+        loaded = [f.result() for f in loads]
+        bucket = fit_bucket(None, max(s.data.rows for s in loaded), max(s.data.groups for s in loaded))
+        prepared = [_prepare(model, spec, s, bucket) for s in loaded]
+        sampler = _sampler(spec, model, settings, prepared[0], len(loads))
+    _same_global_sites(prepared)
+    results = sampler.run([p.arguments for p in prepared], [p.seed for p in prepared])
+    return [io.submit(_write, spec, p, samples, settings, bucket) for p, samples in zip(prepared, results)]
+
+
+def _sample_one_by_one(spec: FitSpec, model: Model, settings, loads: list[Future], io) -> list[Future]:
+    """Models with their data as constants: one program per shard; the next shard loads meanwhile."""
+    written = []
+    for future in loads:
+        prepared = _prepare(model, spec, future.result(), None)
+        samples = _sampler(spec, model, settings, prepared, 1).run([prepared.arguments], [prepared.seed])[0]
+        written.append(io.submit(_write, spec, prepared, samples, settings, None))
+    return written
+
+
+def sample_shard(spec: FitSpec, shard: int, data_uri: str, stats: dict | None, out_uri: str) -> dict:
+    """Sample one shard of `spec` from `data_uri`; write under `out_uri`; return its summary."""
+    return sample_shards(spec, [shard], lambda _: data_uri, stats, out_uri)

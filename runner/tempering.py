@@ -87,10 +87,13 @@ def same_shape_sites(shapes: dict, doubled_shapes: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class GlobalSites:
-    """The global latent sites (tempered, combined) and global deterministic sites (reported)."""
+    """The global latent sites (tempered, combined) and global deterministic sites (reported),
+    and the shape of every latent and deterministic site on the shard as given (what the draws of
+    a padded shard are trimmed back to)."""
 
     latent: list[str]
     deterministic: list[str]
+    shapes: dict[str, tuple[int, ...]]
 
 
 def resolve_global_sites(
@@ -105,15 +108,16 @@ def resolve_global_sites(
         doubled_trace = trace_model(model, doubled_kwargs)
     refuse_hand_tempering(trace)
     latent = site_shapes(trace, "latent")
-    deterministic = same_shape_sites(
-        site_shapes(trace, "deterministic"), site_shapes(doubled_trace, "deterministic")
-    )
+    deterministic_shapes = site_shapes(trace, "deterministic")
+    deterministic = same_shape_sites(deterministic_shapes, site_shapes(doubled_trace, "deterministic"))
+    shapes = {**latent, **deterministic_shapes}
     if declared is None:
-        return GlobalSites(same_shape_sites(latent, site_shapes(doubled_trace, "latent")), deterministic)
+        found = same_shape_sites(latent, site_shapes(doubled_trace, "latent"))
+        return GlobalSites(found, deterministic, shapes)
     unknown = [name for name in declared if name not in latent]
     if unknown:
         raise BadInput(
             f"spec.model.globalSites names {', '.join(unknown)}, which the model does not "
             f"sample; its latent sites are {', '.join(latent)}"
         )
-    return GlobalSites(list(declared), deterministic)
+    return GlobalSites(list(declared), deterministic, shapes)

@@ -104,7 +104,7 @@ def test_shard_posterior_is_the_exactly_tempered_one(tmp_path):
     assert diagnostics["global_sites"] == ["mu", "tau"]
     assert set(diagnostics["parameters"]) == {"mu", "tau"}
     assert diagnostics["rows"] == n and diagnostics["groups"] == 3
-    assert set(diagnostics["seconds"]) == {"load", "compile", "warmup", "sampling", "write"}
+    assert set(diagnostics["seconds"]) == {"load", "compile", "init", "warmup", "sampling", "write"}
     assert draws.sites["a"].is_global is False and draws.metadata["groups"] == ["group-0", "group-1", "group-2"]
     message = json.loads(termination.read_text())
     assert message["ok"] and message["shard"] == 1 and message["rhatMax"] < 1.05
