@@ -1,7 +1,14 @@
 """The Jobs of a fit: names, commands and pod templates, built from the fit alone (pure).
 
-Names are deterministic (`<fit>-partition`, `<fit>-shards`, `<fit>-combine`) so that creating a Job
-twice, after a restart or from a stale view, is a harmless conflict and never a duplicate.
+Steps, in order, each one Job: partition, sample (Indexed, one pod per shard), globals (`combine
+--stage globals`), resample (Indexed, one pod per shard; only with `groupParameters: resample`)
+and combine (`combine --stage finish`). Re-sampling is a Job of its own so that its per-shard NUTS
+runs in parallel, like sampling, rather than in the one combine pod.
+
+Names are deterministic (`<fit>-partition`, `<fit>-shards`, `<fit>-globals`, `<fit>-resample`,
+`<fit>-combine`) so that creating a Job twice, after a restart or from a stale view, is a harmless
+conflict and never a duplicate. No suffix is longer than `-partition`, which the CRD's 53-character
+limit on fit names allows for.
 """
 
 from __future__ import annotations
@@ -14,8 +21,19 @@ from typing import Any
 from . import labels
 
 GROUP, VERSION, KIND = "consensusfit.dev", "v1alpha1", "ConsensusFit"
-STEPS = ("partition", "sample", "combine")
-_SUFFIX = {"partition": "partition", "sample": "shards", "combine": "combine"}
+STEPS = ("partition", "sample", "globals", "resample", "combine")
+_SUFFIX = {"partition": "partition", "sample": "shards", "globals": "globals", "resample": "resample",
+           "combine": "combine"}
+# The runner command of each step (docs/contract.md), before `--spec` and `--out`, and after them.
+_COMMAND = {
+    "partition": ("partition", ()),
+    "sample": ("sample", ()),
+    "globals": ("combine", ("--stage", "globals")),
+    "resample": ("resample", ()),
+    "combine": ("combine", ("--stage", "finish")),
+}
+# Steps with one pod per shard (Indexed Jobs; the runner takes the shard from the completion index).
+PER_SHARD_STEPS = ("sample", "resample")
 # The runner's exit codes that no retry can fix (docs/contract.md): usage error, bad input.
 NO_RETRY_EXIT_CODES = [2, 3]
 # The parts of the spec the runner reads; pod settings and suspension are not its business.
@@ -27,6 +45,12 @@ _SCRATCH = "/tmp"
 
 def job_name(fit_name: str, step: str) -> str:
     return f"{fit_name}-{_SUFFIX[step]}"
+
+
+def steps(fit: Mapping[str, Any]) -> tuple[str, ...]:
+    """The fit's steps in order: with `groupParameters: keep` there is nothing to re-sample."""
+    keep = fit["spec"].get("combine", {}).get("groupParameters") == "keep"
+    return tuple(step for step in STEPS if not (keep and step == "resample"))
 
 
 def result_root(fit: Mapping[str, Any]) -> str:
@@ -78,7 +102,10 @@ def _quantities(resources: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
 
 
 def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
-    command = ["consensusfit-runner", step, "--spec", runner_spec_json(fit), "--out", result_root(fit)]
+    subcommand, options = _COMMAND[step]
+    command = [
+        "consensusfit-runner", subcommand, "--spec", runner_spec_json(fit), "--out", result_root(fit), *options,
+    ]
     container = {
         "name": "runner",
         "image": runner.get("image") or image,
@@ -147,7 +174,7 @@ def job_manifest(
         **own,
     }
     retries = spec["maxRetriesPerShard"]
-    if step == "sample":
+    if step in PER_SHARD_STEPS:
         shards = spec["shards"]
         job_spec = {
             "completionMode": "Indexed",

@@ -6,7 +6,9 @@ the same decisions: children have deterministic names (a repeated create is a ha
 and the status it writes is recomputed from the Jobs and pods each time.
 
 Phases: Pending -> Partitioning -> Sampling -> Combining -> Succeeded, or Failed with a reason.
-Conditions: Partitioned, Sampled, Succeeded, Failed, Suspended.
+Combining spans three Jobs (children.py): globals, resample (one pod per shard) and combine.
+Conditions: Partitioned, Sampled, GlobalsCombined, GroupsResampled (only for fits that re-sample
+their group-level parameters), Succeeded, Failed, Suspended.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from .conditions import find, is_true, set_condition, timestamp
 from .config import Config
 from .observe import JobView, PodView, parse_time
 
-STEP_PHASE = {"partition": "Partitioning", "sample": "Sampling", "combine": "Combining"}
+STEP_PHASE = {"partition": "Partitioning", "sample": "Sampling", "globals": "Combining",
+              "resample": "Combining", "combine": "Combining"}
 RUNNING_PHASES = ("Pending", "Partitioning", "Sampling", "Combining")
 TERMINAL_PHASES = ("Succeeded", "Failed")
-_PHASE_STEP = {phase: step for step, phase in STEP_PHASE.items()}
-_DONE_CONDITION = {"partition": "Partitioned", "sample": "Sampled", "combine": "Succeeded"}
-_DONE_REASON = {"partition": "PartitionSucceeded", "sample": "ShardsSucceeded", "combine": "CombineSucceeded"}
-_FAIL_REASON = {"partition": "PartitionFailed", "sample": "ShardFailed", "combine": "CombineFailed"}
+_DONE_CONDITION = {"partition": "Partitioned", "sample": "Sampled", "globals": "GlobalsCombined",
+                   "resample": "GroupsResampled", "combine": "Succeeded"}
+_DONE_REASON = {"partition": "PartitionSucceeded", "sample": "ShardsSucceeded", "globals": "GlobalsSucceeded",
+                "resample": "ResampleSucceeded", "combine": "CombineSucceeded"}
+_FAIL_REASON = {"partition": "PartitionFailed", "sample": "ShardFailed", "globals": "CombineFailed",
+                "resample": "ResampleFailed", "combine": "CombineFailed"}
 # The status fields this operator owns; anything else there (another tool's) is left alone.
 STATUS_FIELDS = (
-    "observedGeneration", "phase", "conditions", "shards", "startTime", "completionTime",
+    "observedGeneration", "phase", "conditions", "shards", "resample", "startTime", "completionTime",
     "diagnostics", "result",
 )
 
@@ -83,7 +88,7 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 
 
 def shard_counts(total: int, job: JobView | None) -> dict[str, int]:
-    """From the shard Job's status: the Job controller's counts are authoritative and cheap."""
+    """From a per-shard Job's status: the Job controller's counts are authoritative and cheap."""
     if job is None:
         return {"total": total, "active": 0, "succeeded": 0, "failed": 0}
     return {
@@ -140,14 +145,22 @@ def _report_of(step: str, pods: Sequence[PodView]) -> dict:
     return next((p.report for p in pods if p.step == step and p.report and p.report.get("ok")), {})
 
 
+# A finished step's condition message, from its pod's report and the fit's shard count.
+_DONE_MESSAGE = {
+    "partition": "partitioned {rows} rows in {groups} groups",
+    "sample": "{shards} shards sampled",
+    "globals": "{draws} combined draws of the global parameters ({warnings} warnings)",
+    "resample": "{shards} shards' group-level parameters re-sampled given the combined draws",
+}
+
+
 def _done_message(step: str, fit: Mapping[str, Any], pods: Sequence[PodView]) -> str:
     report = _report_of(step, pods)
-    if step == "partition":
-        if "rows" in report:
-            return f"partitioned {report['rows']} rows in {report.get('groups', '?')} groups"
-        return "partition Job complete"
-    if step == "sample":
-        return f"{fit['spec']['shards']} shards sampled"
+    if step in _DONE_MESSAGE:
+        try:
+            return _DONE_MESSAGE[step].format_map({**report, "shards": fit["spec"]["shards"]})
+        except KeyError:  # its pod is gone (deleted, or the operator was down): no report to quote
+            return f"{step} Job complete"
     truncated = " (summary truncated)" if report.get("truncated") else ""
     return f"combined into {_result(fit, pods)['uri']}{truncated}"
 
@@ -236,7 +249,9 @@ def plan(
     old = {key: value for key, value in (fit.get("status") or {}).items() if key in STATUS_FIELDS}
     status: dict[str, Any] = copy.deepcopy(old)
     status["observedGeneration"] = metadata.get("generation")
+    steps = children.steps(fit)
     status["shards"] = shard_counts(spec["shards"], jobs.get("sample"))
+    status["resample"] = shard_counts(spec["shards"], jobs.get("resample")) if "resample" in steps else None
     status["diagnostics"] = diagnostics(pods) or old.get("diagnostics")
     conditions = status.get("conditions", [])
     phase = old.get("phase", "Pending")
@@ -276,11 +291,12 @@ def plan(
         failure: tuple[str, str] | None = None
         deadline = spec.get("activeDeadlineSeconds")
         start = parse_time(status.get("startTime"))
-        reached, succeeded = phase, False
+        reached, succeeded, current = phase, False, None
         if deadline is not None and start is not None and not suspended and (now - start).total_seconds() > deadline:
             failure = ("DeadlineExceeded", f"the fit ran longer than activeDeadlineSeconds={deadline}")
         else:
-            for step in children.STEPS:
+            for step in steps:
+                current = step
                 job = jobs.get(step)
                 if job is None:
                     if not suspended:
@@ -313,7 +329,7 @@ def plan(
         else:
             new_phase = reached
             if new_phase != phase:
-                job = children.job_name(metadata["name"], _PHASE_STEP[new_phase])
+                job = children.job_name(metadata["name"], current)
                 events.append(Event("Normal", new_phase, f"{new_phase}: Job {job}"))
         if new_phase in TERMINAL_PHASES:
             status["completionTime"] = timestamp(now)

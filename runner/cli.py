@@ -20,7 +20,7 @@ from .spec import load
 
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LIMIT = 4096
-POD_STEPS = ("partition", "sample", "combine")
+POD_STEPS = ("partition", "sample", "combine", "resample")
 
 
 def configure_precision() -> None:
@@ -91,7 +91,27 @@ def command_combine(args) -> dict:
 
     spec, _ = load(args.spec)
     configure_precision()
-    return combine_fit(spec, args.out.rstrip("/"))
+    return combine_fit(spec, args.out.rstrip("/"), args.stage)
+
+
+def shard_index(given: str | None) -> int:
+    """`--shard`, else the Indexed Job's $JOB_COMPLETION_INDEX, as an integer."""
+    shard = given if given is not None else os.environ.get("JOB_COMPLETION_INDEX")
+    if shard is None:
+        raise BadInput("no --shard given and JOB_COMPLETION_INDEX is not set")
+    try:
+        return int(shard)
+    except ValueError:
+        raise BadInput(f"shard must be an integer, got {shard!r}") from None
+
+
+def command_resample(args) -> dict:
+    from .combiner import resample_shard
+
+    spec, _ = load(args.spec)
+    shard = shard_index(args.shard)
+    configure_precision()
+    return resample_shard(spec, args.out.rstrip("/"), shard, args.data, args.stats)
 
 
 def command_run(args) -> dict:
@@ -194,7 +214,21 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--stats", help="whole-data statistics JSON (default: the partition manifest)")
     sample.add_argument("--shards", type=int, help="check: the number of shards the spec must declare")
 
-    step("combine", "combine the shards' draws into the full-data posterior", command_combine)
+    combine = step("combine", "combine the shards' draws into the full-data posterior", command_combine)
+    combine.add_argument(
+        "--stage",
+        choices=("globals", "finish", "all"),
+        default="all",
+        help="globals: combine the global draws; finish: summarise once every shard is re-sampled; "
+        "all (default): both, re-sampling the shards in between",
+    )
+
+    resample = step("resample", "re-sample one shard's group-level draws given the combined draws",
+                    command_resample)
+    resample.add_argument("--shard", help="shard index (default: $JOB_COMPLETION_INDEX)")
+    resample.add_argument("--data", help="the shard's Parquet file or prefix; {shard} is replaced "
+                          "(default: partition output)")
+    resample.add_argument("--stats", help="whole-data statistics JSON (default: the partition manifest)")
 
     workers = dict(type=int, default=os.cpu_count() or 1, help="shards sampled at once (default: cores)")
     run = steps.add_parser("run", help="run a whole fit locally: partition, shards, combine")

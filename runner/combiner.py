@@ -1,15 +1,24 @@
 """The `combine` step: read every shard's draws, combine the global parameters, write the result.
 
-Under the fit's root it reads `shards/<k>/` for k = 0..K−1 and writes, in this order,
+It runs in three stages, so that re-sampling the group-level parameters (one NUTS adaptation per
+shard) runs on every shard at once, as sampling does, instead of one shard after the other in the
+combine pod, which at thousands of shards would make it the fit's bottleneck:
 
-    combined/draws.parquet        the combined draws of the global sites (constrained and `u:`)
-    combined/groups/<k>/...       with groupParameters: resample, shard k's group-level draws
-                                  given the combined global draws (runner/resample.py), each
-                                  folder finished by its own _SUCCESS.json
-    combined/agreement.json       per shard and global component, how far the shard sits from the
-                                  combined posterior (runner/agreement.py)
-    combined/summary.json         per parameter mean, sd, q05, q50, q95 (+ ESS for globals)
-    combined/_SUCCESS.json        last: the combination is complete
+    globals   `combine --stage globals`: the combined draws of the global sites (constrained and
+              `u:`) in combined/draws.parquet, how far each shard sits from them in
+              combined/agreement.json (runner/agreement.py), then combined/globals/_SUCCESS.json
+    resample  `resample --shard k`, per shard, only with groupParameters: resample: shard k's
+              group-level draws given the combined global draws (runner/resample.py) in
+              combined/groups/<k>/draws.parquet, then that folder's own _SUCCESS.json
+    finish    `combine --stage finish`: per parameter mean, sd, q05, q50, q95 (+ ESS for globals)
+              in combined/summary.json, then combined/_SUCCESS.json, last: the combination is
+              complete
+
+Plain `combine` (stage `all`) runs the three in one process, re-sampling whichever shards are not
+done yet, so one Job still does the whole step. Every way of running them uses the same stage
+functions, and every stage reads its inputs from the store, so the files are the same whichever
+way the stages ran. A stage refuses (one line) to run before the stage it needs, and a stage
+completed for this fit returns at once, never redone or overwritten.
 
 Global sites are combined in the unconstrained space NUTS sampled in (the `u:` columns), where the
 tempered shard densities are exact factors of the full posterior (DESIGN.md), and mapped back to
@@ -18,9 +27,8 @@ tracing the model on one shard's data. Combined values are therefore always insi
 
 Refusals (BadInput, exit 3), each one line naming the shard: a shard with no `_SUCCESS.json`
 (missing, or still running/crashed), a shard completed for another spec (fingerprint), draws with
-NaN or infinities, shards whose global sites differ. A combination already completed for this fit
-is returned as it is, never redone or overwritten; one completed with other combine settings is
-refused.
+NaN or infinities, shards whose global sites differ; a stage before the one it needs; finishing
+while shards are not re-sampled. Output completed with other combine settings is refused.
 """
 
 from __future__ import annotations
@@ -267,7 +275,9 @@ def termination_message(uri: str, parameters: dict[str, dict]) -> dict:
     return message
 
 
-# ---------------------------------------------------------------- the step
+# ---------------------------------------------------------------- the stages
+
+GLOBALS = "combined/globals"  # the folder of the globals stage's marker
 
 
 def combined_globals(shards: list[Draws], spec: FitSpec, transforms_of) -> tuple:
@@ -283,96 +293,51 @@ def combined_globals(shards: list[Draws], spec: FitSpec, transforms_of) -> tuple
     return layout, values, constrain(unconstrained, transforms_of(layout)), unconstrained, packed
 
 
-def _resample_settings(spec: FitSpec, shard: int):
-    from .sampling import SamplerSettings
-    from .shard import shard_seed
-
-    settings = SamplerSettings.from_spec(spec.sampler)
-    return SamplerSettings(**{**settings.__dict__, "seed": shard_seed(settings.seed + 7919, shard)})
+def _write(root: Store, key: str, data: bytes) -> int:
+    """Write one output file; its size, for the marker that vouches for it."""
+    root.write_bytes(key, data)
+    return len(data)
 
 
-def resample_shard(
-    spec: FitSpec,
-    out_uri: str,
-    shard: int = 0,
-    data_uri: str | None = None,
-    stats_uri: str | None = None,
-    combined: Draws | None = None,
-) -> dict:
-    """Re-sample shard `shard`'s group-level sites given the combined global draws.
-
-    Needs `combined/draws.parquet`; writes `combined/groups/<shard>/draws.parquet`, then its
-    `_SUCCESS.json`. Already done for this fingerprint: returns at once. Any shard can run on its
-    own, in parallel with the others (see docs/contract.md).
-    """
-    from .resample import resample_groups
-
-    root = open_store(out_uri)
-    store = root.child(f"combined/groups/{shard}")
-    fingerprint = spec.fingerprint()
-    if done := completed(store, fingerprint):
+def _require_globals(root: Store, fingerprint: str, what: str) -> dict:
+    """The globals stage's marker; the later stages refuse (one line) to run before it."""
+    if done := completed(root.child(GLOBALS), fingerprint):
         return done
-    if combined is None:
-        try:
-            combined = from_parquet_bytes(root.read_bytes("combined/draws.parquet"))
-        except NotFound:
-            raise BadInput(f"shard {shard}: no combined global draws yet ({root.uri('combined/draws.parquet')})") from None
-    model = shard_model(spec, out_uri, shard, data_uri, stats_uri)
-    theta = {name: combined.constrained[name] for name in combined.global_names()}
-    result = resample_groups(model.fn, model.arguments, theta, _resample_settings(spec, shard))
-    arrays = {**result.latent, **result.deterministic}
-    if not arrays:
-        return mark_complete(store, fingerprint, {}, note="no group-level sites")
-    sites = {
-        name: Site(values.shape[2:], None, False, "latent" if name in result.latent else "deterministic")
-        for name, values in arrays.items()
-    }
-    metadata = {"fingerprint": fingerprint, "shard": shard, "shards": spec.shards, "groups": model.groups}
-    data = to_parquet_bytes(Draws(arrays, {}, sites, metadata))
-    store.write_bytes("draws.parquet", data)
-    return mark_complete(
-        store,
-        fingerprint,
-        {"draws.parquet": len(data)},
-        accept_prob=result.accept_prob,
-        seconds={k: round(v, 3) for k, v in result.seconds.items()},
+    raise BadInput(
+        f"{what}: the globals stage is not complete (no {root.uri(f'{GLOBALS}/{SUCCESS}')}); "
+        "run `consensusfit-runner combine --stage globals` first"
     )
 
 
-def _group_draws(root: Store, spec: FitSpec, k: int, shard: Draws) -> tuple[dict, list[str]]:
-    """Shard k's group-level draws: resampled ones, or (keep) the shard's own."""
-    if spec.combine["groupParameters"] == "resample":
-        try:
-            draws = from_parquet_bytes(root.read_bytes(f"combined/groups/{k}/draws.parquet"))
-        except NotFound:  # a model without group-level sites: nothing was re-sampled
-            return {}, []
-        return draws.constrained, draws.metadata.get("groups", [])
-    local = {name: v for name, v in shard.constrained.items() if not shard.sites[name].is_global}
-    return local, shard.metadata.get("groups", [])
+def globals_message(root: Store, done: dict) -> dict:
+    """The globals stage's termination message, built from its marker so a retry reports the same."""
+    return {
+        "ok": True,
+        "stage": "globals",
+        "uri": root.uri("combined/draws.parquet"),
+        "draws": done["draws"],
+        "warnings": done["warnings"],
+    }
 
 
-def combine_fit(
-    spec: FitSpec,
-    out_uri: str,
-    data_uri: str | None = None,
-    stats_uri: str | None = None,
+def combine_globals(
+    spec: FitSpec, out_uri: str, data_uri: str | None = None, stats_uri: str | None = None
 ) -> dict:
-    """Combine the K shards under `out_uri` (module docstring); return the termination message."""
+    """Stage `globals`: combine the shards' global draws; write them and the shards' agreement.
+
+    The agreement is written here rather than when finishing because it needs every shard's global
+    draws, and this is the one stage that reads them all: finishing a re-sampled fit then reads no
+    shard draws. Completed for this fingerprint: returns at once, never rewrites the draws.
+    """
     root = open_store(out_uri)
     fingerprint = spec.fingerprint()
-    combined_uri = root.uri("combined/")
-    # The fingerprint covers spec.combine, so a finished combination is this method's.
-    if completed(root.child("combined"), fingerprint):
-        summary = json.loads(root.read_bytes("combined/summary.json"))
-        return termination_message(combined_uri, {k: summary["parameters"][k] for k in summary["globals"]})
-
+    if done := completed(root.child(GLOBALS), fingerprint):
+        return globals_message(root, done)
     check_shards_complete(root, spec)
     shards = [read_shard(root, spec, k) for k in range(spec.shards)]
-    model_cache: dict[int, ShardModel] = {}
 
     def transforms_of(layout):
-        model_cache[0] = shard_model(spec, out_uri, 0, data_uri, stats_uri)
-        return bijections(model_cache[0], layout)
+        return bijections(shard_model(spec, out_uri, 0, data_uri, stats_uri), layout)
 
     layout, values, constrained, unconstrained, packed = combined_globals(shards, spec, transforms_of)
     metadata = {
@@ -383,47 +348,169 @@ def combine_fit(
         "groups": [],
     }
     sites = {name: Site(site.shape, site.unconstrained_shape, True, "latent") for name, site in layout.items()}
-    combined = Draws(constrained, unconstrained, sites, metadata)
-    files = {}
-    draws_bytes = to_parquet_bytes(combined)
-    root.write_bytes("combined/draws.parquet", draws_bytes)
-    files["draws.parquet"] = len(draws_bytes)
-
-    if spec.combine["groupParameters"] == "resample":
-        for k in range(spec.shards):
-            resample_shard(spec, out_uri, k, data_uri, stats_uri, combined=combined)
-
     report = agreement(packed, values, unconstrained_names(layout), list(range(spec.shards)))
-    agreement_bytes = json.dumps(report, indent=1).encode()
-    root.write_bytes("combined/agreement.json", agreement_bytes)
-    files["agreement.json"] = len(agreement_bytes)
+    files = {  # names relative to combined/, as in the final marker that lists them again
+        "draws.parquet": _write(
+            root, "combined/draws.parquet", to_parquet_bytes(Draws(constrained, unconstrained, sites, metadata))
+        ),
+        "agreement.json": _write(root, "combined/agreement.json", json.dumps(report, indent=1).encode()),
+    }
+    chains, draws = values.shape[:2]
+    done = mark_complete(
+        root.child(GLOBALS), fingerprint, files, draws=chains * draws, warnings=len(report["warnings"])
+    )
+    return globals_message(root, done)
 
-    parameters = global_summary(constrained)
-    globals_ = list(parameters)
-    for k, shard in enumerate(shards):
-        arrays, labels = _group_draws(root, spec, k, shard)
-        parameters.update(group_summary(arrays, labels, k))
-    reports = [shard_report(root, k) for k in range(spec.shards)]
-    warnings = list(report["warnings"])
+
+def _resample_settings(spec: FitSpec, shard: int):
+    from .sampling import SamplerSettings
+    from .shard import shard_seed
+
+    settings = SamplerSettings.from_spec(spec.sampler)
+    return SamplerSettings(**{**settings.__dict__, "seed": shard_seed(settings.seed + 7919, shard)})
+
+
+def resample_message(shard: int, done: dict) -> dict:
+    """The `resample` termination message, from the shard's marker (the same on a retry)."""
+    seconds = sum(done.get("seconds", {}).values())
+    return {"ok": True, "shard": shard, "seconds": round(seconds, 3), "acceptProb": done.get("accept_prob")}
+
+
+def resample_shard(
+    spec: FitSpec,
+    out_uri: str,
+    shard: int = 0,
+    data_uri: str | None = None,
+    stats_uri: str | None = None,
+) -> dict:
+    """Stage `resample` for one shard: its group-level sites given the combined global draws.
+
+    Needs the globals stage (refused before it); writes `combined/groups/<shard>/draws.parquet`,
+    then its `_SUCCESS.json`, and returns the termination message. Already done for this
+    fingerprint: returns at once. Shards need nothing from each other, so all can run at once.
+    """
+    from .resample import resample_groups
+
+    root = open_store(out_uri)
+    store = root.child(f"combined/groups/{shard}")
+    fingerprint = spec.fingerprint()
+    if not 0 <= shard < spec.shards:
+        raise BadInput(f"shard {shard} is out of range: the fit has {spec.shards} shards (0..{spec.shards - 1})")
+    if done := completed(store, fingerprint):
+        return resample_message(shard, done)
+    _require_globals(root, fingerprint, f"cannot re-sample shard {shard}")
+    combined = from_parquet_bytes(root.read_bytes("combined/draws.parquet"))
+    model = shard_model(spec, out_uri, shard, data_uri, stats_uri)
+    theta = {name: combined.constrained[name] for name in combined.global_names()}
+    result = resample_groups(model.fn, model.arguments, theta, _resample_settings(spec, shard))
+    arrays = {**result.latent, **result.deterministic}
+    if not arrays:
+        return resample_message(shard, mark_complete(store, fingerprint, {}, note="no group-level sites"))
+    sites = {
+        name: Site(values.shape[2:], None, False, "latent" if name in result.latent else "deterministic")
+        for name, values in arrays.items()
+    }
+    metadata = {"fingerprint": fingerprint, "shard": shard, "shards": spec.shards, "groups": model.groups}
+    files = {"draws.parquet": _write(store, "draws.parquet", to_parquet_bytes(Draws(arrays, {}, sites, metadata)))}
+    done = mark_complete(
+        store,
+        fingerprint,
+        files,
+        accept_prob=result.accept_prob,
+        seconds={k: round(v, 3) for k, v in result.seconds.items()},
+    )
+    return resample_message(shard, done)
+
+
+def unresampled_shards(root: Store, spec: FitSpec) -> list[int]:
+    """The shards whose group-level draws given the combined draws are not complete yet."""
+    fingerprint = spec.fingerprint()
+    return [k for k in range(spec.shards) if not completed(root.child(f"combined/groups/{k}"), fingerprint)]
+
+
+def _group_draws(root: Store, spec: FitSpec, k: int) -> tuple[dict, list[str]]:
+    """Shard k's group-level draws: re-sampled ones, or (keep) the shard's own."""
+    if spec.combine["groupParameters"] == "resample":
+        try:
+            draws = from_parquet_bytes(root.read_bytes(f"combined/groups/{k}/draws.parquet"))
+        except NotFound:  # a model without group-level sites: nothing was re-sampled
+            return {}, []
+        return draws.constrained, draws.metadata.get("groups", [])
+    shard = read_shard(root, spec, k)
+    local = {name: v for name, v in shard.constrained.items() if not shard.sites[name].is_global}
+    return local, shard.metadata.get("groups", [])
+
+
+def _warnings(agreement_report: dict, reports: list[dict]) -> list[str]:
+    """The agreement's warnings, then each shard's own convergence trouble."""
+    warnings = list(agreement_report["warnings"])
     for r in reports:
         if r.get("rhatMax") is not None and r["rhatMax"] > WARN_RHAT:
             warnings.append(f"shard {r['shard']}: R-hat {r['rhatMax']:.3f} > {WARN_RHAT}")
         if r.get("divergences"):
             warnings.append(f"shard {r['shard']}: {r['divergences']} divergent transitions")
-    chains, draws = values.shape[:2]
+    return warnings
+
+
+def _finish(root: Store, spec: FitSpec, globals_done: dict) -> dict:
+    """Stage `finish`, its checks done: the summary, then `combined/_SUCCESS.json`."""
+    combined = from_parquet_bytes(root.read_bytes("combined/draws.parquet"))
+    parameters = global_summary({name: combined.constrained[name] for name in combined.global_names()})
+    globals_ = list(parameters)
+    for k in range(spec.shards):
+        arrays, labels = _group_draws(root, spec, k)
+        parameters.update(group_summary(arrays, labels, k))
+    reports = [shard_report(root, k) for k in range(spec.shards)]
     summary = {
         "method": spec.combine["method"],
         "groupParameters": spec.combine["groupParameters"],
         "shards": spec.shards,
-        "chains": chains,
-        "draws": chains * draws,
+        "chains": combined.chains,
+        "draws": combined.chains * combined.draws,
         "globals": globals_,
         "parameters": parameters,
-        "warnings": warnings,
+        "warnings": _warnings(json.loads(root.read_bytes("combined/agreement.json")), reports),
         "shard_diagnostics": reports,
     }
     summary_bytes = json.dumps(summary, indent=1, allow_nan=True).encode()
-    root.write_bytes("combined/summary.json", summary_bytes)
-    files["summary.json"] = len(summary_bytes)
-    mark_complete(root.child("combined"), fingerprint, files, combine=spec.combine)
-    return termination_message(combined_uri, {k: parameters[k] for k in globals_})
+    files = {**globals_done["files"], "summary.json": _write(root, "combined/summary.json", summary_bytes)}
+    mark_complete(root.child("combined"), spec.fingerprint(), files, combine=spec.combine)
+    return termination_message(root.uri("combined/"), {k: parameters[k] for k in globals_})
+
+
+def combine_fit(
+    spec: FitSpec,
+    out_uri: str,
+    stage: str = "all",
+    data_uri: str | None = None,
+    stats_uri: str | None = None,
+) -> dict:
+    """The `combine` command (module docstring); returns the stage's termination message.
+
+    `globals` and `finish` are the operator's two combine Jobs, with the per-shard `resample` Job
+    between them; `finish` refuses while a shard's group-level draws are missing. `all` is the
+    three stages in this one process (re-sampling the shards one after the other), so a single
+    Job or call still does the whole step.
+    """
+    if stage == "globals":
+        return combine_globals(spec, out_uri, data_uri, stats_uri)
+    root = open_store(out_uri)
+    fingerprint = spec.fingerprint()
+    # The fingerprint covers spec.combine, so a finished combination is this method's.
+    if completed(root.child("combined"), fingerprint):
+        summary = json.loads(root.read_bytes("combined/summary.json"))
+        return termination_message(root.uri("combined/"), {k: summary["parameters"][k] for k in summary["globals"]})
+    if stage == "all":
+        combine_globals(spec, out_uri, data_uri, stats_uri)
+    globals_done = _require_globals(root, fingerprint, "cannot finish the combination")
+    if spec.combine["groupParameters"] == "resample":
+        missing = unresampled_shards(root, spec)
+        if missing and stage == "finish":
+            raise BadInput(
+                f"cannot finish the combination: {_describe(missing, spec.shards)} not re-sampled "
+                f"(no {SUCCESS} under {root.uri('combined/groups/')}<k>/); run `consensusfit-runner "
+                "resample --shard <k>` for each"
+            )
+        for k in missing:
+            resample_shard(spec, out_uri, k, data_uri, stats_uri)
+    return _finish(root, spec, globals_done)

@@ -1,8 +1,10 @@
 """`consensusfit run FIT.yaml`: partition, every shard, combine, on this machine.
 
 The same steps the operator runs as Jobs, here as local processes over a local folder (or S3):
-partition in-process, shards as parallel `consensusfit-runner sample` processes (one per shard, up
-to `workers` at once, exactly the pods' command), then combine in-process.
+partition in-process; shards as parallel `consensusfit-runner sample` processes (one per shard, up
+to `workers` at once, exactly the pods' command); the combine stages `globals` in-process, with
+`groupParameters: resample` every shard's `consensusfit-runner resample` as parallel processes in
+the same way, and `finish` in-process.
 
 Results land in `<output>/<namespace>/<name>/local-<fingerprint>/`: the same spec always maps to
 the same folder, so a re-run after a crash or Ctrl-C reuses every step that completed, and a
@@ -49,19 +51,22 @@ class Progress:
     def phase(self, name: str) -> None:
         self.write(f"[{self.elapsed()}] {name}")
 
-    def shards(self, done: int, running: int, phase_started: float) -> None:
-        line = f"[{self.elapsed()}] sampling: {done}/{self.total} shards done, {running} running"
+    def shards(self, activity: str, done: int, running: int, phase_started: float) -> None:
+        line = f"[{self.elapsed()}] {activity}: {done}/{self.total} shards done, {running} running"
         if done:
             per_shard = (time.monotonic() - phase_started) / done
             line += f", about {format_duration(per_shard * (self.total - done))} left"
         self.write(line)
 
-def shard_command(spec: FitSpec, root: str, shard: int) -> list[str]:
-    """The command a shard pod runs, as a local process."""
+# The per-shard steps, each with what the progress lines call it.
+SHARD_STEPS = {"sample": "sampling", "resample": "re-sampling"}
+
+def shard_command(spec: FitSpec, root: str, shard: int, step: str = "sample") -> list[str]:
+    """The command a pod of the step's Indexed Job runs for `shard`, as a local process."""
     manifest = {"metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec.raw}
     return [
         sys.executable, "-m", "consensusfit.runner.cli", "--termination-log", os.devnull,
-        "sample", "--spec", json.dumps(manifest), "--out", root, "--shard", str(shard),
+        step, "--spec", json.dumps(manifest), "--out", root, "--shard", str(shard),
     ]
 
 def _stop(processes) -> None:
@@ -73,23 +78,25 @@ def _stop(processes) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
 
-def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress) -> None:
-    """Run every shard as a process, at most `workers` at once; stop all on the first failure.
+def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step: str = "sample") -> None:
+    """Run `step` (SHARD_STEPS) for every shard as a process, at most `workers` at once; stop all
+    on the first failure.
 
     Ctrl-C (or any failure) terminates the running shards; shards that completed keep their
     `_SUCCESS.json`, so the next run starts where this one stopped.
     """
+    activity = SHARD_STEPS[step]
     pending = list(range(spec.shards))
     running: dict[int, subprocess.Popen] = {}
     done = 0
     phase_started = time.monotonic()
-    progress.shards(done, 0, phase_started)
+    progress.shards(activity, done, 0, phase_started)
     try:
         while pending or running:
             while pending and len(running) < workers:
                 shard = pending.pop(0)
                 running[shard] = subprocess.Popen(
-                    shard_command(spec, root, shard),
+                    shard_command(spec, root, shard, step),
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )
             time.sleep(0.1)
@@ -101,9 +108,9 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress) -> No
                 if process.returncode != 0:
                     reason = error.splitlines()[-1] if error else "no output"
                     failure = BadInput if process.returncode == 3 else TransientError
-                    raise failure(f"shard {shard} failed (exit {process.returncode}): {reason}")
+                    raise failure(f"{activity} shard {shard} failed (exit {process.returncode}): {reason}")
                 done += 1
-                progress.shards(done, len(running), phase_started)
+                progress.shards(activity, done, len(running), phase_started)
     finally:
         _stop(running.values())
 
@@ -115,7 +122,8 @@ class FitResult:
     reference: dict | None  # parameter -> summary of the full-data fit
 
 def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
-    """Partition, sample every shard, combine, and optionally fit the full data for reference."""
+    """Partition, sample every shard, combine (globals, re-sampling, finish), and optionally fit
+    the full data for reference."""
     from .cli import configure_precision
     from .combiner import combine_fit
     from .partition import partition_fit
@@ -127,9 +135,13 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
     progress.phase("partitioning")
     partition_fit(spec, root)
     run_shards(spec, root, workers, progress)
-    progress.phase("combining")
+    progress.phase("combining the global parameters")
     configure_precision()
-    combine_fit(spec, root)
+    combine_fit(spec, root, "globals")
+    if spec.combine["groupParameters"] == "resample":
+        run_shards(spec, root, workers, progress, "resample")
+    progress.phase("summarising")
+    combine_fit(spec, root, "finish")
     store = open_store(root)
     diagnostics = [
         json.loads(store.read_bytes(f"shards/{k}/diagnostics.json")) for k in range(spec.shards)

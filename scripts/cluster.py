@@ -398,6 +398,10 @@ spec:
       {{{{ $message := `{{"ok":true,"rows":100000,"groups":4000}}` }}}}
       {{{{ if eq $step "sample" }}}}
       {{{{ $message = printf `{{"ok":true,"shard":%s,"rhatMax":1.004,"essBulkMin":812.5,"divergences":0,"seconds":61.0}}` (index .metadata.annotations "{INDEX_ANNOTATION}") }}}}
+      {{{{ else if eq $step "globals" }}}}
+      {{{{ $message = `{{"ok":true,"stage":"globals","uri":"s3://seeded/combined/draws.parquet","draws":4000,"warnings":0}}` }}}}
+      {{{{ else if eq $step "resample" }}}}
+      {{{{ $message = printf `{{"ok":true,"shard":%s,"seconds":12.0,"acceptProb":0.9}}` (index .metadata.annotations "{INDEX_ANNOTATION}") }}}}
       {{{{ else if eq $step "combine" }}}}
       {{{{ $message = `{{"ok":true,"uri":"s3://seeded/combined/","parameters":{{"mu":{{"mean":1.0,"sd":0.1,"q05":0.8,"q50":1.0,"q95":1.2}}}}}}` }}}}
       {{{{ end }}}}

@@ -3,7 +3,8 @@ scheduler, kwok GPU nodes), installed with its Helm chart and running as the cha
 
 Shard pods are created by the real Job controller, scheduled by the real scheduler onto fake GPU
 nodes, and run by the test's executor as local runner processes against S3 on loopback: draws flow
-through partition, sampling and combining into the fit's status.
+through partition, sampling, combining the globals, re-sampling every shard's groups and finishing
+into the fit's status.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def operator_requests(cluster, user: str, verb: str, resource: str) -> list[dict
 
 
 def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, operator, executor, bucket):
-    """kubectl apply of the example fit -> Job controller pods on GPU nodes -> real runner -> result.
+    """kubectl apply of the example fit -> Job controller pods on GPU nodes -> real runner -> result,
+    through the five Jobs: partition, shards, globals, resample (Indexed, a pod per shard), combine.
 
     Shard 1's first pod cannot reach the object store (the runner exits 1): the Job controller
     retries it and the fit still succeeds. The operator is SIGKILLed while the shards sample and a
@@ -120,6 +122,9 @@ def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, op
     assert set(status["result"]["parameters"]) >= {"mu", "tau", "sigma"}
     assert 0.5 < status["result"]["parameters"]["mu"]["mean"] < 2.5
     assert status["shards"]["total"] == 2 and status["shards"]["succeeded"] == 2
+    assert status["resample"] == {"total": 2, "active": 0, "succeeded": 2, "failed": 0}
+    assert {c["type"] for c in status["conditions"] if c["status"] == "True"} >= {
+        "Partitioned", "Sampled", "GlobalsCombined", "GroupsResampled", "Succeeded"}
     assert status["diagnostics"]["rhatMax"] > 0
 
     # Pods came from the Job controller, were scheduled onto the GPU nodes with one GPU each.
@@ -130,22 +135,31 @@ def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, op
     shard_runs = sorted((r["index"], r["exit"]) for r in executor.runs if r["fit"] == name and r["step"] == "sample")
     assert shard_runs == [("0", 0), ("1", 0), ("1", 1)], executor.runs
     assert len(api.pods(name, "sample")) == 3  # the retry is a new pod
+    # Re-sampling ran as its own Indexed Job, one pod per shard, after the globals and before combine.
+    resample = next(job for job in api.jobs(name) if job.metadata.name == f"{name}-resample")
+    assert resample.spec.completion_mode == "Indexed" and resample.spec.completions == 2
+    assert resample.status.succeeded == 2
+    runs = [r for r in executor.runs if r["fit"] == name]
+    assert sorted((r["index"], r["exit"]) for r in runs if r["step"] == "resample") == [("0", 0), ("1", 0)]
+    order = [r["step"] for r in runs if r["step"] in ("globals", "resample", "combine")]
+    assert order == ["globals", "resample", "resample", "combine"], order
 
-    # No duplicate Jobs across the restart: the same three Jobs, each created once.
+    # No duplicate Jobs across the restart: the same five Jobs, each created once.
     jobs = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
-    assert sorted(jobs) == sorted(f"{name}-{s}" for s in ("partition", "shards", "combine"))
+    assert sorted(jobs) == sorted(f"{name}-{s}" for s in ("partition", "shards", "globals", "resample", "combine"))
     assert all(jobs[job] == uid for job, uid in before.items())
     # The audit log: the operator's successful Job creates for this fit (a repeated create after
     # the restart would be a harmless 409, never a second 201).
     creates = [e for e in operator_requests(cluster, operator.user, "create", "jobs")
                if e["objectRef"].get("name", "").startswith(f"{name}-")]
     succeeded_creates = [e for e in creates if e["responseStatus"]["code"] == 201]
-    assert len(succeeded_creates) == 3, [(e["objectRef"], e["responseStatus"]) for e in creates]
+    assert len(succeeded_creates) == 5, [(e["objectRef"], e["responseStatus"]) for e in creates]
 
     # The results are in the object store, under <output>/<namespace>/<name>/<uid>/.
     root = f"{bucket}/fits/{NAMESPACE}/{name}/{fit['metadata']['uid']}/"
     keys = s3_keys(root)
     assert any(k.endswith("combined/summary.json") for k in keys), keys
+    assert all(any(k.endswith(f"combined/groups/{s}/_SUCCESS.json") for k in keys) for s in (0, 1)), keys
 
     # Deleting the fit: the garbage collector removes its Jobs and pods; the results stay.
     cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from consensusfit.operator.children import job_name
 from consensusfit.operator.observe import JobView, PodView
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "manifests" / "crd.yaml"
@@ -68,9 +69,8 @@ def make_fit(name: str = "fvc", namespace: str = "default", status: dict | None 
 def job(step: str, outcome: str | None = None, *, active: int = 0, succeeded: int = 0,
         failed_indexes: int = 0, suspended: bool = False, by_fit: bool = False,
         reason: str = "", fit: str = "fvc") -> JobView:
-    suffix = {"partition": "partition", "sample": "shards", "combine": "combine"}[step]
     return JobView(
-        name=f"{fit}-{suffix}", step=step, created=T0 + timedelta(seconds=1), suspended=suspended,
+        name=job_name(fit, step), step=step, created=T0 + timedelta(seconds=1), suspended=suspended,
         suspended_by_fit=by_fit, outcome=outcome, reason=reason, message="", active=active,
         succeeded=succeeded, failed_indexes=failed_indexes,
     )
@@ -96,6 +96,12 @@ def shard_report(shard: int, rhat: float = 1.001, ess: float = 900.0, divergence
             "divergences": divergences, "seconds": seconds}
 
 
+def resample_report(shard: int, seconds: float = 12.0, accept: float = 0.9) -> dict:
+    return {"ok": True, "shard": shard, "seconds": seconds, "acceptProb": accept}
+
+
+GLOBALS_REPORT = {"ok": True, "stage": "globals", "uri": "s3://bucket/fits/default/fvc/uid-fvc/combined/draws.parquet",
+                  "draws": 4000, "warnings": 1}
 COMBINE_REPORT = {"ok": True, "uri": "s3://bucket/fits/default/fvc/uid-fvc/combined/",
                   "parameters": {"Intercept": {"mean": 2775.0, "sd": 10.0, "q05": 2758.0,
                                                "q50": 2775.0, "q95": 2791.0}}}

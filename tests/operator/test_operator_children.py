@@ -71,11 +71,39 @@ def test_gitops_tracking_labels_are_never_copied():
 
 
 def test_partition_and_combine_jobs_fail_at_once_on_bad_input():
-    for step in ("partition", "combine"):
+    for step in ("partition", "globals", "combine"):
         spec = _manifest(step, maxRetriesPerShard=5)["spec"]
         assert spec["backoffLimit"] == 5 and spec["completions"] == 1
         assert spec["podFailurePolicy"]["rules"][0]["action"] == "FailJob"
     assert children.job_name("fvc", "sample") == "fvc-shards"
+
+
+def test_each_step_runs_its_runner_command():
+    """docs/contract.md: `consensusfit-runner <command> --spec SPEC --out ROOT [options]`."""
+    def command(step):
+        return _manifest(step)["spec"]["template"]["spec"]["containers"][0]["command"]
+
+    expected = {"partition": ["partition"], "sample": ["sample"], "globals": ["combine", "--stage", "globals"],
+                "resample": ["resample"], "combine": ["combine", "--stage", "finish"]}
+    for step, (subcommand, *options) in expected.items():
+        line = command(step)
+        assert line[:3] == ["consensusfit-runner", subcommand, "--spec"] and line[4] == "--out"
+        assert line[6:] == options, step
+    resample = _manifest("resample", maxRetriesPerShard=4)["spec"]
+    assert resample["completionMode"] == "Indexed" and resample["completions"] == resample["parallelism"] == 3
+    assert resample["backoffLimitPerIndex"] == 4 and resample["maxFailedIndexes"] == 0
+    assert resample["podFailurePolicy"]["rules"][0]["action"] == "FailIndex"
+
+
+def test_re_sampling_is_a_step_only_when_group_parameters_are_re_sampled():
+    assert children.steps(make_fit()) == ("partition", "sample", "globals", "resample", "combine")  # default
+    keep = make_fit(combine={"method": "swiss", "groupParameters": "keep"})
+    assert children.steps(keep) == ("partition", "sample", "globals", "combine")
+
+
+def test_job_names_fit_the_63_character_limit_for_the_longest_fit_name():
+    longest = "f" * 53  # the CRD's limit on fit names
+    assert max(len(children.job_name(longest, step)) for step in children.STEPS) == 63
 
 
 def test_job_and_pod_views_read_what_kubernetes_writes():

@@ -3,7 +3,8 @@
 kmock stores objects and streams watch events but runs no controllers, so the test plays the Job
 controller: it creates the pods a Job would run, with the termination messages the runner writes
 (docs/contract.md), and marks the Jobs complete. One shard's first pod crashes and is retried; the
-operator is stopped mid-fit and a fresh one finishes the fit; finally the fit is deleted.
+operator is stopped mid-fit and a fresh one runs the three Jobs of Combining (globals, the Indexed
+re-sampling Job, combine) to the end; finally the fit is deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import aiohttp
 import kmock as kmocklib
 import kopf
 import pytest
-from cfit_support import COMBINE_REPORT, make_fit, shard_report
+from cfit_support import COMBINE_REPORT, GLOBALS_REPORT, make_fit, resample_report, shard_report
 from kubernetes.client import ApiClient, Configuration
 from prometheus_client import generate_latest
 
@@ -129,6 +130,21 @@ class Cluster:
         async with self.http.patch(f"{JOBS}/{job['metadata']['name']}", json={"status": status}) as response:
             assert response.status < 300, await response.text()
 
+    async def combine(self, shards: int = 3) -> None:
+        """The three Jobs of Combining, each run to success: globals, resample (Indexed), combine."""
+        globals_job = await self.job("fvc-globals")
+        await self.phase("Combining")
+        await self.run_pod(globals_job, report=GLOBALS_REPORT)
+        await self.finish_job(globals_job, succeeded=1)
+        resample = await self.job("fvc-resample")
+        assert resample["spec"]["completionMode"] == "Indexed" and resample["spec"]["completions"] == shards
+        for k in range(shards):
+            await self.run_pod(resample, index=k, report=resample_report(k))
+        await self.finish_job(resample, succeeded=shards)
+        combine = await self.job("fvc-combine")
+        await self.run_pod(combine, report=COMBINE_REPORT)
+        await self.finish_job(combine, succeeded=1)
+
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
@@ -169,22 +185,21 @@ async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
         await cluster.run_pod(shards, index=2, report=shard_report(2))
         await cluster.finish_job(shards, succeeded=3)
         async with operator(url, metrics):
-            combine = await cluster.job("fvc-combine")
-            await cluster.phase("Combining")
-            await cluster.run_pod(combine, report=COMBINE_REPORT)
-            await cluster.finish_job(combine, succeeded=1)
+            await cluster.combine()
             done = await cluster.phase("Succeeded")
 
             status = done["status"]
             assert status["result"] == {"uri": COMBINE_REPORT["uri"], "parameters": COMBINE_REPORT["parameters"]}
             assert status["shards"] == {"total": 3, "active": 0, "succeeded": 3, "failed": 0}
+            assert status["resample"] == {"total": 3, "active": 0, "succeeded": 3, "failed": 0}
             assert status["diagnostics"] == {"rhatMax": 1.011, "essBulkMin": 400, "divergences": 1,
                                              "slowestShardSeconds": 50}
             kinds = {c["type"]: c["status"] for c in status["conditions"]}
-            assert kinds == {"Partitioned": "True", "Sampled": "True", "Succeeded": "True"}
+            assert kinds == {"Partitioned": "True", "Sampled": "True", "GlobalsCombined": "True",
+                             "GroupsResampled": "True", "Succeeded": "True"}
             assert done["spec"] == fit["spec"]  # never written
             names = sorted(j["metadata"]["name"] for j in (await cluster.get(JOBS))["items"])
-            assert names == ["fvc-combine", "fvc-partition", "fvc-shards"]  # no duplicates
+            assert names == ["fvc-combine", "fvc-globals", "fvc-partition", "fvc-resample", "fvc-shards"]
             reasons = {e["reason"] for e in posted_events(kmock)}
             assert {"Partitioning", "Sampling", "Combining", "Succeeded", "PodFailed"} <= reasons
 

@@ -9,6 +9,7 @@ from datetime import timedelta
 from cfit_support import COMBINE_REPORT, T0, job, make_fit, pod, shard_report
 from prometheus_client import generate_latest
 
+from consensusfit.operator.children import STEPS
 from consensusfit.operator.config import Config
 from consensusfit.operator.metrics import Metrics
 from consensusfit.operator.planner import plan
@@ -19,7 +20,7 @@ NOW = T0 + timedelta(minutes=10)
 def test_phase_durations_fit_duration_and_per_fit_series():
     metrics = Metrics()
     fit = make_fit(status={"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"})
-    jobs = {step: job(step, "Complete", succeeded=1) for step in ("partition", "sample", "combine")}
+    jobs = {step: job(step, "Complete", succeeded=1) for step in STEPS}
     pods = [pod("sample", 0, report=shard_report(0, rhat=1.02, seconds=42)),
             pod("sample", 0, phase="Failed", attempt=1), pod("combine", report=COMBINE_REPORT)]
     result = plan(fit, jobs, pods, NOW, Config())

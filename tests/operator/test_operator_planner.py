@@ -7,9 +7,9 @@ import json
 from datetime import timedelta
 
 import pytest
-from cfit_support import COMBINE_REPORT, T0, job, make_fit, pod, shard_report
+from cfit_support import COMBINE_REPORT, GLOBALS_REPORT, T0, job, make_fit, pod, resample_report, shard_report
 
-from consensusfit.operator import planner
+from consensusfit.operator import children, planner
 from consensusfit.operator.config import Config
 from consensusfit.operator.labels import SUSPENDED_BY_FIT
 from consensusfit.operator.planner import Ledger, merge_patch, plan
@@ -31,7 +31,30 @@ def condition(result: planner.Plan, kind: str) -> dict:
     return next(c for c in result.state["conditions"] if c["type"] == kind)
 
 
-# -- Pending -> Partitioning -> Sampling -> Combining -> Succeeded ---------------------------------
+def complete(*steps: str) -> dict:
+    """These steps' Jobs, finished."""
+    return {step: job(step, "Complete", succeeded=1) for step in steps}
+
+
+def created(result: planner.Plan) -> list[str]:
+    return [m["metadata"]["name"] for m in result.create]
+
+
+def assert_indexed_one_pod_per_shard(manifest: dict, shards: int = 3) -> None:
+    """What the runner contract asks of a per-shard Job: a shard's bad input fails it at once."""
+    spec = manifest["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == shards
+    assert spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailIndex" and rules[0]["onExitCodes"]["values"] == [2, 3]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+COMBINING = {"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"}
+
+
+# -- Pending -> Partitioning -> Sampling -> Combining (globals, resample, combine) -> Succeeded ------
 
 def test_new_fit_creates_the_partition_job_and_starts():
     result = plan(make_fit(), {}, [], NOW, CONFIG)
@@ -56,13 +79,7 @@ def test_partition_done_creates_the_indexed_shard_job():
     result = plan(fit, {"partition": job("partition", "Complete")}, [partition_pod], NOW, CONFIG)
     (shards,) = result.create
     assert shards["metadata"]["name"] == "fvc-shards"
-    spec = shards["spec"]
-    assert spec["completionMode"] == "Indexed"
-    assert spec["completions"] == spec["parallelism"] == 3
-    assert spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0
-    rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailIndex" and rules[0]["onExitCodes"]["values"] == [2, 3]
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert_indexed_one_pod_per_shard(shards)
     assert result.status["phase"] == "Sampling"
     partitioned = condition(result, "Partitioned")
     assert partitioned["status"] == "True" and "1549 rows in 176 groups" in partitioned["message"]
@@ -86,18 +103,68 @@ def test_sampling_reports_counts_and_worst_case_diagnostics():
         "rhatMax": 1.010, "essBulkMin": 500, "divergences": 3, "slowestShardSeconds": 70}
 
 
-def test_shards_done_creates_the_combine_job():
+def test_shards_done_creates_the_globals_job_and_starts_combining():
     fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
     jobs = {"partition": job("partition", "Complete"), "sample": job("sample", "Complete", succeeded=3)}
     result = plan(fit, jobs, [], NOW, CONFIG)
-    assert [m["metadata"]["name"] for m in result.create] == ["fvc-combine"]
+    (globals_job,) = result.create
+    assert globals_job["metadata"]["name"] == "fvc-globals"
+    assert globals_job["spec"]["completions"] == 1 and "completionMode" not in globals_job["spec"]
+    assert globals_job["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["--stage", "globals"]
     assert result.status["phase"] == "Combining"
     assert condition(result, "Sampled")["status"] == "True"
+    assert [(e.reason, e.message) for e in result.events] == [("Combining", "Combining: Job fvc-globals")]
+    assert result.state["resample"] == {"total": 3, "active": 0, "succeeded": 0, "failed": 0}
+
+
+def test_globals_done_creates_the_indexed_resample_job():
+    fit = make_fit(status=COMBINING)
+    result = plan(fit, complete("partition", "sample", "globals"), [pod("globals", report=GLOBALS_REPORT)], NOW, CONFIG)
+    (resample,) = result.create
+    assert resample["metadata"]["name"] == "fvc-resample"
+    assert resample["metadata"]["labels"]["consensusfit.dev/step"] == "resample"
+    assert_indexed_one_pod_per_shard(resample)
+    assert resample["spec"]["template"]["spec"]["containers"][0]["command"][1] == "resample"
+    assert result.state["phase"] == "Combining" and reasons(result) == []  # still the same phase
+    assert condition(result, "GlobalsCombined")["message"] == (
+        "4000 combined draws of the global parameters (1 warnings)")
+
+
+def test_resampling_reports_its_progress_in_the_status():
+    fit = make_fit(status=COMBINING)
+    jobs = {**complete("partition", "sample", "globals"), "resample": job("resample", active=1, succeeded=2)}
+    pods = [pod("resample", 0, report=resample_report(0)), pod("resample", 1, report=resample_report(1)),
+            pod("resample", 2, phase="Running")]
+    result = plan(fit, jobs, pods, NOW, CONFIG)
+    assert result.create == () and result.state["phase"] == "Combining"
+    assert result.state["resample"] == {"total": 3, "active": 1, "succeeded": 2, "failed": 0}
+
+
+def test_resampling_done_creates_the_finishing_combine_job():
+    fit = make_fit(status=COMBINING)
+    jobs = {**complete("partition", "sample", "globals"), "resample": job("resample", "Complete", succeeded=3)}
+    result = plan(fit, jobs, [], NOW, CONFIG)
+    (combine,) = result.create
+    assert combine["metadata"]["name"] == "fvc-combine"
+    assert combine["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["--stage", "finish"]
+    assert condition(result, "GroupsResampled")["reason"] == "ResampleSucceeded"
+    assert result.state["resample"]["succeeded"] == 3
+
+
+def test_a_fit_that_keeps_its_group_draws_skips_the_resample_job():
+    fit = make_fit(status=COMBINING, combine={"method": "consensus", "groupParameters": "keep"})
+    result = plan(fit, complete("partition", "sample", "globals"), [], NOW, CONFIG)
+    assert created(result) == ["fvc-combine"]
+    assert "resample" not in result.state
+    assert not [c for c in result.state["conditions"] if c["type"] == "GroupsResampled"]
+    done = plan(state_after(fit, result), complete("partition", "sample", "globals", "combine"),
+                [pod("combine", report=COMBINE_REPORT)], NOW, CONFIG)
+    assert done.state["phase"] == "Succeeded" and done.create == ()
 
 
 def test_combine_done_succeeds_with_the_result():
-    fit = make_fit(status={"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"})
-    jobs = {step: job(step, "Complete", succeeded=1) for step in ("partition", "sample", "combine")}
+    fit = make_fit(status=COMBINING)
+    jobs = complete(*children.STEPS)
     result = plan(fit, jobs, [pod("combine", report=COMBINE_REPORT)], NOW, CONFIG)
     assert result.create == ()
     assert result.status["phase"] == "Succeeded"
@@ -108,21 +175,38 @@ def test_combine_done_succeeds_with_the_result():
     assert [phase for phase, _ in result.exited] == ["Combining"]
 
 
-def test_whole_fit_walked_pass_by_pass_reaches_succeeded_once():
-    fit, jobs, pods = make_fit(), {}, []
+DONE_PODS = {
+    "partition": [pod("partition", report={"ok": True, "rows": 10, "groups": 2})],
+    "sample": [pod("sample", k, report=shard_report(k)) for k in range(3)],
+    "globals": [pod("globals", report=GLOBALS_REPORT)],
+    "resample": [pod("resample", k, report=resample_report(k)) for k in range(3)],
+    "combine": [pod("combine", report=COMBINE_REPORT)],
+}
+
+
+@pytest.mark.parametrize("group_parameters, steps", [
+    ("resample", ["partition", "sample", "globals", "resample", "combine"]),
+    ("keep", ["partition", "sample", "globals", "combine"]),
+])
+def test_whole_fit_walked_pass_by_pass_reaches_succeeded_once(group_parameters, steps):
+    fit, jobs, pods = make_fit(combine={"method": "consensus", "groupParameters": group_parameters}), {}, []
     seen_phases = []
-    for step, done_pod in [("partition", pod("partition", report={"ok": True, "rows": 10, "groups": 2})),
-                           ("sample", pod("sample", 0, report=shard_report(0))),
-                           ("combine", pod("combine", report=COMBINE_REPORT))]:
+    for step in steps:
         result = plan(fit, jobs, pods, NOW, CONFIG)
         fit = state_after(fit, result)
         seen_phases.append(fit["status"]["phase"])
         assert [m["metadata"]["labels"]["consensusfit.dev/step"] for m in result.create] == [step]
-        jobs = {**jobs, step: job(step, "Complete", succeeded=1)}
-        pods = [*pods, done_pod]
+        assert created(result) == [children.job_name("fvc", step)]
+        jobs = {**jobs, step: job(step, "Complete", succeeded=len(DONE_PODS[step]))}
+        pods = [*pods, *DONE_PODS[step]]
     result = plan(fit, jobs, pods, NOW, CONFIG)
     fit = state_after(fit, result)
-    assert seen_phases + [fit["status"]["phase"]] == ["Partitioning", "Sampling", "Combining", "Succeeded"]
+    combining = ["Combining"] * (len(steps) - 2)
+    assert seen_phases + [fit["status"]["phase"]] == ["Partitioning", "Sampling", *combining, "Succeeded"]
+    assert [c["type"] for c in fit["status"]["conditions"]] == [
+        {"partition": "Partitioned", "sample": "Sampled", "globals": "GlobalsCombined",
+         "resample": "GroupsResampled", "combine": "Succeeded"}[step] for step in steps]
+    assert ("resample" in fit["status"]) == (group_parameters == "resample")
     again = plan(fit, jobs, pods, NOW + timedelta(hours=1), CONFIG, result.seen)
     assert again.status == {} and again.create == () and again.events == () and not again.delete_fit
 
@@ -157,13 +241,30 @@ def test_bad_input_on_one_shard_fails_the_fit_naming_the_shard():
     assert result.create == ()
 
 
-def test_combine_failure_fails_the_fit():
-    fit = make_fit(status={"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"})
-    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", "Complete", succeeded=3),
-            "combine": job("combine", "Failed", reason="BackoffLimitExceeded")}
+@pytest.mark.parametrize("step", ["globals", "combine"])
+def test_combine_failure_fails_the_fit(step):
+    fit = make_fit(status=COMBINING)
+    done = children.STEPS[: children.STEPS.index(step)]
+    jobs = {**complete(*done), step: job(step, "Failed", reason="BackoffLimitExceeded")}
     result = plan(fit, jobs, [], NOW, CONFIG)
     assert condition(result, "Failed")["reason"] == "CombineFailed"
-    assert "BackoffLimitExceeded" in condition(result, "Failed")["message"]
+    assert f"Job fvc-{step} failed (BackoffLimitExceeded)" in condition(result, "Failed")["message"]
+    assert result.create == ()
+
+
+def test_bad_input_on_one_resample_index_fails_the_fit_naming_the_shard():
+    fit = make_fit(status=COMBINING)
+    jobs = {**complete("partition", "sample", "globals"),
+            "resample": job("resample", "Failed", succeeded=1, failed_indexes=1, reason="FailedIndexes")}
+    bad = pod("resample", 1, phase="Failed", exit_code=3,
+              report={"ok": False, "reason": "BadInput", "message": "shard 1 (s3://x/): column g is missing"})
+    result = plan(fit, jobs, [pod("resample", 0, report=resample_report(0)), bad], NOW, CONFIG)
+    assert result.state["phase"] == "Failed"
+    failed = condition(result, "Failed")
+    assert failed["reason"] == "ResampleFailed"
+    assert failed["message"].startswith("shard 1 (pod fvc-resample-1-0): BadInput: shard 1 (s3://x/): column g")
+    assert "Job fvc-resample failed (FailedIndexes)" in failed["message"]
+    assert result.state["resample"]["failed"] == 1 and result.create == () and result.patch_jobs == ()
 
 
 def test_a_failed_shard_pod_is_reported_once_and_the_fit_keeps_sampling():
@@ -299,7 +400,8 @@ def test_a_failed_fit_suspends_leftover_jobs_and_otherwise_stays_put():
 def test_restart_mid_sampling_continues_without_creating_anything():
     fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z",
                            "observedGeneration": 1,
-                           "shards": {"total": 3, "active": 3, "succeeded": 0, "failed": 0}})
+                           "shards": {"total": 3, "active": 3, "succeeded": 0, "failed": 0},
+                           "resample": {"total": 3, "active": 0, "succeeded": 0, "failed": 0}})
     jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
     result = plan(fit, jobs, [], NOW, CONFIG, Ledger())
     assert result.create == () and result.patch_jobs == ()
@@ -307,9 +409,21 @@ def test_restart_mid_sampling_continues_without_creating_anything():
     assert result.status.keys() <= {"conditions"}  # only the Partitioned condition is filled in
 
 
+def test_restart_mid_resampling_continues_without_creating_anything():
+    fit = make_fit(status={**COMBINING, "observedGeneration": 1,
+                           "shards": {"total": 3, "active": 0, "succeeded": 3, "failed": 0},
+                           "resample": {"total": 3, "active": 3, "succeeded": 0, "failed": 0}})
+    jobs = {**complete("partition", "globals"), "sample": job("sample", "Complete", succeeded=3),
+            "resample": job("resample", active=3)}
+    result = plan(fit, jobs, [pod("resample", k, phase="Running") for k in range(3)], NOW, CONFIG, Ledger())
+    assert result.create == () and result.patch_jobs == () and result.events == ()
+    assert result.state["phase"] == "Combining"
+    assert result.status.keys() <= {"conditions"}  # only the finished steps' conditions are filled in
+
+
 def test_restart_after_everything_finished_while_down_goes_straight_to_succeeded():
     fit = make_fit(status={"phase": "Partitioning", "startTime": "2026-01-01T00:01:00Z"})
-    jobs = {step: job(step, "Complete", succeeded=1) for step in ("partition", "sample", "combine")}
+    jobs = complete(*children.STEPS)
     result = plan(fit, jobs, [pod("combine", report=COMBINE_REPORT)], NOW, CONFIG)
     assert result.create == ()
     assert result.state["phase"] == "Succeeded"

@@ -23,7 +23,7 @@ from prometheus_client import generate_latest, start_http_server
 from consensusfit.operator.metrics import Metrics
 
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
-from cfit_support import COMBINE_REPORT, make_fit, shard_report  # noqa: E402
+from cfit_support import make_fit, shard_report  # noqa: E402
 from test_operator_kmock import FITS, Cluster, declare_resources, operator  # noqa: E402
 
 SCRAPE_JOB = "consensusfit-operator"
@@ -203,9 +203,7 @@ async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
             await cluster.run_pod(shards, index=1, attempt=1, report=shard_report(1, rhat=1.03, ess=350, seconds=40))
             await cluster.run_pod(shards, index=2, report=shard_report(2, seconds=60))
             await cluster.finish_job(shards, succeeded=3)
-            combine = await cluster.job("fvc-combine")
-            await cluster.run_pod(combine, report=COMBINE_REPORT)
-            await cluster.finish_job(combine, succeeded=1)
+            await cluster.combine()
             await cluster.phase("Succeeded")
 
             # What the operator exports now is what Prometheus stores after its next scrapes.

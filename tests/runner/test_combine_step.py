@@ -325,3 +325,107 @@ def test_agreement_flags_a_collapsed_shard_that_dominates_and_skewed_shards():
     assert report["shards"][6]["parameters"]["log_tau"]["non_gaussian"]
     assert any("shard 4 carries" in w and "mu" in w for w in report["warnings"])
     assert any("shard 6's posterior is far from Gaussian on log_tau" in w for w in report["warnings"])
+
+
+
+# -- the stages: globals -> resample per shard -> finish (the operator's Jobs) ----------------------
+
+OUTPUTS = ("combined/draws.parquet", "combined/agreement.json", "combined/summary.json",
+           "combined/groups/0/draws.parquet", "combined/groups/1/draws.parquet")
+
+
+def runner(spec, root, *arguments):
+    """`consensusfit-runner <arguments> --spec --out` in this process: (exit code, termination message)."""
+    from consensusfit.runner.cli import main
+
+    log = root.parent / f"{root.name}-termination-log"
+    log.write_text("")  # the runner writes it only if it exists, as in a pod
+    code = main(["--termination-log", str(log), arguments[0], "--spec", json.dumps(spec.raw),
+                 "--out", str(root), *arguments[1:]])
+    return code, json.loads(log.read_text())
+
+
+def stamps(root):
+    return {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """A resample fit combined twice from the same shards: by one `combine`, and stage by stage
+    through the CLI as the operator's Jobs run it. (Short warmup: re-sampling is the slow part.)"""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("staged")
+    spec, whole = make_fit(tmp, shards=2, groups="resample")
+    spec = parse({**spec.raw, "sampler": {**spec.sampler, "warmup": 30}})
+    rng = np.random.default_rng(4)
+    for k in range(spec.shards):
+        write_shard(whole, spec, k, gaussian_u(rng, k, draws=50)[0])
+    stages = tmp / "stages"
+    shutil.copytree(whole, stages)
+    refusals = [runner(spec, stages, "resample", "--shard", "0"), runner(spec, stages, "combine", "--stage", "finish")]
+    messages = {"globals": runner(spec, stages, "combine", "--stage", "globals")}
+    for k in range(spec.shards):
+        messages[k] = runner(spec, stages, "resample", "--shard", str(k))
+    messages["finish"] = runner(spec, stages, "combine", "--stage", "finish")
+    messages["whole"] = runner(spec, whole, "combine")
+    return spec, whole, stages, messages, refusals
+
+
+def test_the_stages_write_exactly_what_one_combine_writes(staged):
+    spec, whole, stages, messages, _ = staged
+    for name in OUTPUTS:
+        assert (stages / name).read_bytes() == (whole / name).read_bytes(), name
+    assert messages["finish"] == (0, {**messages["whole"][1], "uri": f"{stages}/combined/"})
+    code, message = messages["globals"]
+    assert code == 0 and message == {"ok": True, "stage": "globals", "uri": f"{stages}/combined/draws.parquet",
+                                      "draws": 100, "warnings": 0}
+    for k in range(spec.shards):
+        code, message = messages[k]
+        assert code == 0 and message["ok"] and message["shard"] == k and message["seconds"] > 0
+        assert 0 < message["acceptProb"] <= 1
+    for root in (whole, stages):
+        marker = json.loads((root / "combined" / "globals" / "_SUCCESS.json").read_text())
+        assert marker["fingerprint"] == spec.fingerprint()
+        assert set(marker["files"]) == {"draws.parquet", "agreement.json"}
+        done = json.loads((root / "combined" / "_SUCCESS.json").read_text())
+        assert set(done["files"]) == {"draws.parquet", "agreement.json", "summary.json"}
+    summary = json.loads((stages / "combined" / "summary.json").read_text())
+    assert "a[g1-2]" in summary["parameters"]  # the re-sampled group draws, by label
+
+
+def test_a_stage_before_the_globals_is_refused_with_one_line(staged):
+    _, _, stages, _, (resample, finish) = staged
+    for code, message in (resample, finish):
+        assert code == 3 and message["reason"] == "BadInput" and "\n" not in message["message"]
+        assert f"the globals stage is not complete (no {stages}/combined/globals/_SUCCESS.json)" in message["message"]
+        assert "combine --stage globals" in message["message"]
+    assert resample[1]["message"].startswith("cannot re-sample shard 0: ")
+    assert finish[1]["message"].startswith("cannot finish the combination: ")
+
+
+def test_a_completed_stage_returns_at_once_and_is_never_rewritten(staged):
+    spec, _, stages, messages, _ = staged
+    before = stamps(stages)
+    assert runner(spec, stages, "combine", "--stage", "globals") == messages["globals"]
+    assert runner(spec, stages, "resample", "--shard", "1") == messages[1]
+    assert runner(spec, stages, "combine", "--stage", "finish") == messages["finish"]
+    assert runner(spec, stages, "combine") == messages["finish"]
+    assert stamps(stages) == before
+
+
+def test_finish_names_the_shards_not_re_sampled_and_all_re_samples_only_those(staged, tmp_path):
+    import shutil
+
+    spec, whole, stages, _, _ = staged
+    root = tmp_path / "fit"
+    shutil.copytree(stages, root)
+    (root / "combined" / "_SUCCESS.json").unlink()
+    (root / "combined" / "groups" / "1" / "_SUCCESS.json").unlink()
+    kept = (root / "combined" / "groups" / "0" / "draws.parquet").stat().st_mtime_ns
+    with pytest.raises(BadInput, match=r"cannot finish the combination: shard 1 not re-sampled \(no _SUCCESS.json"):
+        combine_fit(spec, str(root), "finish")
+    combine_fit(spec, str(root))  # all: re-samples shard 1 only, then finishes
+    assert (root / "combined" / "groups" / "0" / "draws.parquet").stat().st_mtime_ns == kept
+    for name in OUTPUTS:
+        assert (root / name).read_bytes() == (whole / name).read_bytes(), name

@@ -27,7 +27,7 @@ def model(g, y=None):
 '''
 
 
-def small_fit(tmp_path, shards=3, samples=200, name="small"):
+def small_fit(tmp_path, shards=3, samples=200, name="small", group_parameters="keep"):
     rng = np.random.default_rng(0)
     groups = 24
     g = np.repeat(np.arange(groups), 5)
@@ -41,7 +41,7 @@ def small_fit(tmp_path, shards=3, samples=200, name="small"):
             "shards": shards,
             "model": {"python": {"uri": "model.py", "function": "model"}},
             "sampler": {"warmup": 150, "samples": samples, "chains": 2, "seed": 1},
-            "combine": {"method": "consensus", "groupParameters": "keep"},
+            "combine": {"method": "consensus", "groupParameters": group_parameters},
             "output": {"uri": str(tmp_path / "runs")},
         },
     }
@@ -58,8 +58,10 @@ def fit_folder(tmp_path, name="small"):
 def test_run_writes_results_report_and_picture_and_reuses_them(tmp_path, capsys):
     path = small_fit(tmp_path)
     assert main(["run", str(path), "--workers", "2", "--reference"]) == 0
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
     folder = fit_folder(tmp_path)
+    assert "sampling: 3/3 shards done" in progress
+    assert "re-sampling" not in progress and not (folder / "combined" / "groups").exists()  # keep
     for k in range(3):
         assert (folder / "shards" / str(k) / "_SUCCESS.json").exists()
     summary = json.loads((folder / "combined" / "summary.json").read_text())
@@ -74,6 +76,24 @@ def test_run_writes_results_report_and_picture_and_reuses_them(tmp_path, capsys)
     stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*.parquet")}
     assert main(["run", str(path), "--workers", "2"]) == 0
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.parquet")} == stamps
+
+
+def test_group_parameters_are_re_sampled_by_one_process_per_shard(tmp_path, capsys, monkeypatch):
+    from consensusfit.runner import combiner
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("the pipeline re-sampled a shard in its own process")
+
+    monkeypatch.setattr(combiner, "resample_shard", in_this_process)  # the shard processes are not touched
+    path = small_fit(tmp_path, shards=2, samples=100, group_parameters="resample")
+    assert main(["run", str(path), "--workers", "2"]) == 0
+    progress = capsys.readouterr().err
+    assert "re-sampling: 0/2 shards done" in progress and "re-sampling: 2/2 shards done" in progress
+    folder = fit_folder(tmp_path)
+    for k in range(2):
+        assert (folder / "combined" / "groups" / str(k) / "_SUCCESS.json").exists()
+    summary = json.loads((folder / "combined" / "summary.json").read_text())
+    assert summary["groupParameters"] == "resample" and "alpha[grp00]" in summary["parameters"]
 
 
 def test_a_changed_spec_is_a_new_folder_and_never_overwrites(tmp_path):
