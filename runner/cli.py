@@ -59,24 +59,50 @@ def write_termination_message(path: str, message: dict) -> None:
         pass
 
 
+def parse_shards(value: str) -> list[int]:
+    """`7`, `4-7` (inclusive) or `1,3,5` -> shard indexes."""
+    try:
+        if "-" in value:
+            first, last = (int(v) for v in value.split("-", 1))
+            return list(range(first, last + 1))
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise BadInput(f"--shard must be K, A-B or a comma list, got {value!r}") from None
+
+
+def pod_shards(index: int, per_pod: int, total: int) -> list[int]:
+    """The shards the pod with Job completion index `index` samples: per_pod consecutive ones."""
+    return list(range(index * per_pod, min((index + 1) * per_pod, total)))
+
+
 def command_sample(args) -> dict:
-    from .data import shard_data_uri, whole_data_stats
-    from .shard import sample_shard
+    from .compilation import use_compilation_cache
+    from .data import partition_manifest, shard_data_uri, whole_data_stats
+    from .shard import sample_shards
 
     spec, _ = load(args.spec)
     if args.shards is not None and spec.shards != args.shards:
         raise BadInput(f"--shards {args.shards} but the spec declares {spec.shards} shards")
-    shard = args.shard if args.shard is not None else os.environ.get("JOB_COMPLETION_INDEX")
-    if shard is None:
-        raise BadInput("no --shard given and JOB_COMPLETION_INDEX is not set")
-    try:
-        shard = int(shard)
-    except ValueError:
-        raise BadInput(f"shard must be an integer, got {shard!r}") from None
+    if args.shards_per_pod < 1:
+        raise BadInput(f"--shards-per-pod must be at least 1, got {args.shards_per_pod}")
+    if args.shard is not None:
+        shards = parse_shards(args.shard)
+    else:
+        index = os.environ.get("JOB_COMPLETION_INDEX")
+        if index is None:
+            raise BadInput("no --shard given and JOB_COMPLETION_INDEX is not set")
+        first = parse_shards(index)[0] * args.shards_per_pod
+        # an index past the last shard keeps its first shard, for the range check to name it
+        shards = pod_shards(first // args.shards_per_pod, args.shards_per_pod, spec.shards) or [first]
     root = args.out.rstrip("/")
     stats = whole_data_stats(root, args.stats)
+    # Shard sizes for the shape bucket describe the partition's output, not other data.
+    sizes = None if args.data else (partition_manifest(root) or {}).get("per_shard")
     configure_precision()
-    return sample_shard(spec, shard, shard_data_uri(root, shard, args.data), stats, root)
+    use_compilation_cache()
+    return sample_shards(
+        spec, shards, lambda k: shard_data_uri(root, k, args.data), stats, root, sizes, vectorize=args.vectorize
+    )
 
 
 def command_partition(args) -> dict:
@@ -206,8 +232,18 @@ def parser() -> argparse.ArgumentParser:
     partition.add_argument("--worker", type=int, default=0, help="this worker's index (default 0)")
     partition.add_argument("--workers", type=int, default=1, help="number of workers (default 1)")
 
-    sample = step("sample", "run tempered NUTS on one shard", command_sample)
-    sample.add_argument("--shard", help="shard index (default: $JOB_COMPLETION_INDEX)")
+    sample = step("sample", "run tempered NUTS on one shard or several", command_sample)
+    sample.add_argument(
+        "--shard", help="shard K, shards A-B or a comma list (default: from $JOB_COMPLETION_INDEX)"
+    )
+    sample.add_argument(
+        "--shards-per-pod", type=int, default=1,
+        help="with $JOB_COMPLETION_INDEX I: sample shards I*P .. I*P+P-1 together (default 1)",
+    )
+    sample.add_argument(
+        "--vectorize", type=int,
+        help="shards per call of the compiled sampler (default: all on a GPU, 1 on a CPU)",
+    )
     sample.add_argument(
         "--data", help="the shard's Parquet file or prefix; {shard} is replaced (default: partition output)"
     )

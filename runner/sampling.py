@@ -87,8 +87,23 @@ def _batched_shape(tree: Any, batch: int) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch,) + tuple(x.shape), x.dtype), tree)
 
 
+def _shape(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+
+
+# Transitions per call of the step program: warmup and sampling both run in calls of at most
+# CHUNK transitions, so one program serves both, and the draws it returns per call stay small.
+CHUNK = 250
+
+
 class CompiledNuts:
-    """Warmup and sampling programs for `batch` shards of one shape, compiled once.
+    """The programs that sample `batch` shards of one shape, compiled once.
+
+    Two programs: `init` (one shard: initial point, step size, adaptation state, for every chain)
+    and `step` (up to CHUNK NUTS transitions of every chain of every shard, vectorised, returning
+    the draws). NUTS adapts during the first `settings.warmup` transitions of a state, so the same
+    step program warms up and samples. Compiling both once and calling them for every shard
+    replaces what `MCMC.run` retraces and recompiles per shard.
 
     `example` is one shard's arguments: it fixes the shapes (and, for a model that needs its data
     as constants, the data themselves). `run` then samples any batch of shards of those shapes.
@@ -111,26 +126,33 @@ class CompiledNuts:
         self.example = self._device(example)
         arrays, self.constants = self._split(self.example)
         self.kernel = self._kernel()
-        state = self._init(self.kernel, self.example, settings.seed)
-        self._example_state = state  # reused when `run` gets the example with the settings' seed
+
+        def init(keys, data):
+            # A fresh kernel per trace: `init` leaves a chain-vectorised step on the kernel.
+            return self._kernel().init(keys, settings.warmup, model_kwargs={**data, **self.constants})
+
+        keys = random.split(random.PRNGKey(0), settings.chains)
+        lowered = jax.jit(init).lower(_shape(keys), _shape(arrays))
+        self.init_program, state = lowered.compile(), lowered.out_info
+        self.kernel.init(keys, settings.warmup, model_kwargs=self.example)  # its step, for `step`
 
         def advance(state, data):
             return self.kernel.sample(state, (), {**data, **self.constants})
 
-        def warmup(state, data):
-            step = jax.vmap(advance)
-            return lax.scan(lambda s, _: (step(s, data), None), state, None, length=settings.warmup)[0]
+        def step(state, data, n):
+            def transition(i, carry):
+                state, draws = carry
+                state = jax.vmap(advance)(state, data)
+                new = (state.z, state.diverging, state.num_steps)
+                return state, jax.tree.map(lambda drawn, value: drawn.at[i].set(value), draws, new)
 
-        def sample(state, data):
-            def step(s, _):
-                s = jax.vmap(advance)(s, data)
-                return s, (s.z, s.diverging, s.num_steps)
+            empty = jax.tree.map(
+                lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype), (state.z, state.diverging, state.num_steps)
+            )
+            return lax.fori_loop(0, n, transition, (state, empty))
 
-            return lax.scan(step, state, None, length=settings.samples)
-
-        shapes = (_batched_shape(state, batch), _batched_shape(arrays, batch))
-        self.warmup_program = jax.jit(warmup).lower(*shapes).compile()
-        self.sample_program = jax.jit(sample).lower(*shapes).compile()
+        shapes = (_batched_shape(state, batch), _batched_shape(arrays, batch), jax.ShapeDtypeStruct((), jnp.int32))
+        self.step_program = jax.jit(step).lower(*shapes).compile()
         self.compile_seconds = time.perf_counter() - started
 
     def _device(self, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -148,33 +170,37 @@ class CompiledNuts:
             max_tree_depth=self.settings.max_tree_depth,
         )
 
-    def _init(self, kernel: NUTS, arguments: dict[str, Any], seed: int):
-        keys = random.split(random.PRNGKey(seed), self.settings.chains)
-        return kernel.init(keys, self.settings.warmup, model_kwargs=arguments)
+    def _transitions(self, state, data, total: int):
+        """`total` transitions in calls of CHUNK; the final state and the draws (total, ...)."""
+        collected = []
+        for done in range(0, total, CHUNK):
+            n = min(CHUNK, total - done)
+            state, draws = self.step_program(state, data, np.int32(n))
+            collected.append(jax.tree.map(lambda x: x[:n], draws))
+        return state, jax.tree.map(lambda *parts: jnp.concatenate(parts), *collected)
 
     def run(self, arguments: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Samples]:
         """Warm up and sample shard i of `arguments` with seed i; one `Samples` per shard."""
         if len(arguments) != len(seeds) or not 0 < len(arguments) <= self.batch:
             raise ValueError(f"{len(arguments)} shards and {len(seeds)} seeds for a batch of {self.batch}")
         started = time.perf_counter()
-        is_example = [a is self._example_given or a is self.example for a in arguments]
-        if not self.data_as_arguments and not all(is_example):
+        if not self.data_as_arguments and not all(a is self._example_given or a is self.example for a in arguments):
             raise ValueError("a model with its data as constants samples only the data it was compiled for")
-        arguments = [self.example if known else self._device(a) for a, known in zip(arguments, is_example)]
-        # A NUTS kernel keeps state from `init` (its chain-vectorised step), so each shard
-        # starts from a fresh kernel; the compiled programs only need the states.
-        states = [
-            self._example_state if known and seed == self.settings.seed else self._init(self._kernel(), a, seed)
-            for a, seed, known in zip(arguments, seeds, is_example)
-        ]
+        arguments = [self._device(a) for a in arguments]
         data = [self._split(a)[0] for a in arguments]
+        states = [
+            self.init_program(random.split(random.PRNGKey(seed), self.settings.chains), shard)
+            for shard, seed in zip(data, seeds)
+        ]
         padding = self.batch - len(arguments)  # a short last batch repeats its first shard
         state, data_batch = _stack(states + states[:1] * padding), _stack(data + data[:1] * padding)
         initialised = time.perf_counter()
 
-        state = jax.block_until_ready(self.warmup_program(state, data_batch))
+        state, _ = jax.block_until_ready(self._transitions(state, data_batch, self.settings.warmup))
         warmed = time.perf_counter()
-        state, (z, diverging, num_steps) = jax.block_until_ready(self.sample_program(state, data_batch))
+        state, (z, diverging, num_steps) = jax.block_until_ready(
+            self._transitions(state, data_batch, self.settings.samples)
+        )
         sampled = time.perf_counter()
 
         seconds = {
@@ -186,7 +212,7 @@ class CompiledNuts:
         self.compile_seconds = 0.0  # later batches reuse the programs
         results = []
         for i, shard_arguments in enumerate(arguments):
-            # scan stacks draws first: (draws, shards, chains, ...) -> (chains, draws, ...)
+            # draws come stacked first: (draws, shards, chains, ...) -> (chains, draws, ...)
             shard_z = jax.tree.map(lambda x: jnp.swapaxes(x[:, i], 0, 1), z)
             postprocess = self.kernel.postprocess_fn((), shard_arguments)
             constrained = jax.vmap(jax.vmap(postprocess))(shard_z)

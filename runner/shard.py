@@ -7,10 +7,11 @@ sampled again (a retried pod returns at once); one completed for another fingerp
 never overwritten.
 
 Several shards in one process (`spec.runner.shardsPerPod`): a model that takes its data as
-arguments (formula models) pads every shard to the fit's shape bucket (runner/buckets.py) and
-samples them all in one vectorised program, compiled once; the padding is trimmed off the draws.
-Other models sample their shards one after the other. Either way shards are read in background
-threads while the first compiles, and written in background threads while the next is summarised.
+arguments (formula models) pads every shard to the fit's shape bucket (runner/buckets.py), and one
+program, compiled once, samples them: all at once, vectorised, on an accelerator; one after the
+other on a CPU. The padding is trimmed off the draws. Other models compile per shard. Either way
+shards are read in background threads while the first compiles, and each shard is written in the
+background while the next one samples.
 """
 
 from __future__ import annotations
@@ -204,13 +205,18 @@ def sample_shards(
     out_uri: str,
     shard_sizes: list[dict] | None = None,
     pad: bool = True,
+    vectorize: int | None = None,
 ) -> dict:
     """Sample `shards` of `spec` (rows of shard k at `data_uri(k)`), write under `out_uri`.
 
     `shard_sizes` (the partition manifest's per-shard rows and groups) sets the fit's shape
-    bucket; `pad=False` samples every shard at its own shapes (for comparison). Returns the pod's
-    termination summary (`pod_summary`).
+    bucket; `pad=False` samples every shard at its own shapes, with its own program (for
+    comparison). `vectorize`: shards per call of the compiled program; default all of them on an
+    accelerator, one at a time on a CPU (whose cores a vectorised NUTS step does not fill better
+    than one shard's). Returns the pod's termination summary (`pod_summary`).
     """
+    import jax
+
     root = open_store(out_uri)
     fingerprint = spec.fingerprint()
     summaries: dict[int, dict] = {}
@@ -226,10 +232,11 @@ def sample_shards(
     if todo:
         model = model_from_spec(spec, stats)
         settings = SamplerSettings.from_spec(spec.sampler)
+        width = vectorize or (len(todo) if jax.default_backend() != "cpu" else 1)
         with ThreadPoolExecutor(IO_THREADS) as io:
             loads = [io.submit(_load, model, spec, k, data_uri(k), store) for k, store in todo]
-            if model.data_as_arguments:
-                written = _sample_together(spec, model, settings, loads, shard_sizes if pad else None, pad, io)
+            if model.data_as_arguments and pad:
+                written = _sample_padded(spec, model, settings, loads, shard_sizes, min(width, len(todo)), io)
             else:
                 written = _sample_one_by_one(spec, model, settings, loads, io)
             summaries.update({summary["shard"]: summary for summary in (f.result() for f in written)})
@@ -237,32 +244,36 @@ def sample_shards(
 
 
 def _sampler(spec: FitSpec, model: Model, settings, first: PreparedShard, batch: int) -> CompiledNuts:
-    """The compiled sampler of `batch` shards shaped like `first` (whose own start is reused)."""
+    """The compiled sampler of `batch` shards shaped like `first`."""
     tempered = temper(model.fn, frozenset(first.global_sites.latent), 1.0 / spec.shards)
-    settings = replace(settings, seed=first.seed)
     return CompiledNuts(tempered, first.arguments, settings, batch, model.data_as_arguments)
 
 
-def _sample_together(
-    spec: FitSpec, model: Model, settings: SamplerSettings, loads: list[Future], shard_sizes, pad: bool, io
+def _sample_padded(
+    spec: FitSpec, model: Model, settings: SamplerSettings, loads: list[Future], shard_sizes, width: int, io
 ) -> list[Future]:
-    """All shards padded to one bucket, in one vectorised program compiled while the rest load."""
+    """Every shard padded to one bucket; one program, compiled once, samples `width` at a time.
+
+    With the manifest's shard sizes the bucket is known from the first shard, so the program
+    compiles while the others load; each batch is written in the background while the next
+    samples.
+    """
     first = loads[0].result()
-    if shard_sizes or not pad:
-        bucket = fit_bucket(shard_sizes, first.data.rows, first.data.groups) if pad else None
-        prepared = [_prepare(model, spec, first, bucket)]
-        sampler = _sampler(spec, model, settings, prepared[0], len(loads))
-        prepared += [_prepare(model, spec, f.result(), bucket) for f in loads[1:]]
-        if not pad and len({tuple(np.shape(v) for v in p.arguments.values()) for p in prepared}) > 1:
-            raise BadInput("shards of different shapes sample together only when padded")
-    else:  # no manifest: the bucket of the largest shard of this batch
+    if shard_sizes:
+        bucket = fit_bucket(shard_sizes, first.data.rows, first.data.groups)
+    else:  # no manifest: the bucket of the largest shard here
         loaded = [f.result() for f in loads]
         bucket = fit_bucket(None, max(s.data.rows for s in loaded), max(s.data.groups for s in loaded))
-        prepared = [_prepare(model, spec, s, bucket) for s in loaded]
-        sampler = _sampler(spec, model, settings, prepared[0], len(loads))
-    _same_global_sites(prepared)
-    results = sampler.run([p.arguments for p in prepared], [p.seed for p in prepared])
-    return [io.submit(_write, spec, p, samples, settings, bucket) for p, samples in zip(prepared, results)]
+    head = _prepare(model, spec, first, bucket)
+    sampler = _sampler(spec, model, settings, head, width)
+    written = []
+    for start in range(0, len(loads), width):
+        batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket)
+                 for i in range(start, min(start + width, len(loads)))]
+        _same_global_sites([head] + batch)
+        results = sampler.run([p.arguments for p in batch], [p.seed for p in batch])
+        written += [io.submit(_write, spec, p, samples, settings, bucket) for p, samples in zip(batch, results)]
+    return written
 
 
 def _sample_one_by_one(spec: FitSpec, model: Model, settings, loads: list[Future], io) -> list[Future]:
