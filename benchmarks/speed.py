@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from consensusfit.runner.cli import configure_precision  # noqa: E402
+from consensusfit.runner.cli import configure_jax  # noqa: E402
 from consensusfit.runner.compilation import use_compilation_cache  # noqa: E402
 from consensusfit.runner.data import model_rows, partition_manifest  # noqa: E402
 from consensusfit.runner.models import model_from_spec  # noqa: E402
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     throughput.set_defaults(handler=command_throughput)
 
     args = top.parse_args(argv)
-    configure_precision()
+    configure_jax()
     args.handler(args)
     return 0
 

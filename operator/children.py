@@ -41,6 +41,8 @@ _RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output"
 # The one writable folder of a runner pod (an emptyDir): its root filesystem is read-only, and the
 # runner image points HOME, TMPDIR and XDG_CACHE_HOME here.
 _SCRATCH = "/tmp"
+# Where `spec.runner.compilationCache` (a volume the sampling pods share) is mounted.
+_COMPILATION_CACHE = "/var/cache/consensusfit/jax"
 
 
 def job_name(fit_name: str, step: str) -> str:
@@ -51,6 +53,17 @@ def steps(fit: Mapping[str, Any]) -> tuple[str, ...]:
     """The fit's steps in order: with `groupParameters: keep` there is nothing to re-sample."""
     keep = fit["spec"].get("combine", {}).get("groupParameters") == "keep"
     return tuple(step for step in STEPS if not (keep and step == "resample"))
+
+
+def shards_per_pod(fit: Mapping[str, Any]) -> int:
+    """How many shards one sample pod takes (`spec.runner.shardsPerPod`, default 1)."""
+    return int(fit["spec"].get("runner", {}).get("shardsPerPod", 1))
+
+
+def pods(fit: Mapping[str, Any], step: str) -> int:
+    """Pods (completion indexes) of a per-shard step: sample packs shardsPerPod shards per pod."""
+    per_pod = shards_per_pod(fit) if step == "sample" else 1
+    return -(-fit["spec"]["shards"] // per_pod)
 
 
 def result_root(fit: Mapping[str, Any]) -> str:
@@ -103,16 +116,22 @@ def _quantities(resources: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
 
 def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
     subcommand, options = _COMMAND[step]
+    if step == "sample" and shards_per_pod(fit) > 1:
+        options = (*options, "--shards-per-pod", str(shards_per_pod(fit)))
     command = [
         "consensusfit-runner", subcommand, "--spec", runner_spec_json(fit), "--out", result_root(fit), *options,
     ]
+    env, mounts = list(runner.get("env", [])), [{"name": "scratch", "mountPath": _SCRATCH}]
+    if step in PER_SHARD_STEPS and runner.get("compilationCache"):
+        env.append({"name": "CONSENSUSFIT_COMPILATION_CACHE", "value": _COMPILATION_CACHE})
+        mounts.append({"name": "compilation-cache", "mountPath": _COMPILATION_CACHE})
     container = {
         "name": "runner",
         "image": runner.get("image") or image,
         "command": command,
-        "env": runner.get("env", []),
+        "env": env,
         "resources": _quantities(runner.get("resources", {})),
-        "volumeMounts": [{"name": "scratch", "mountPath": _SCRATCH}],
+        "volumeMounts": mounts,
         # The runner writes its JSON report here; if it dies first, the log tail stands in.
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -135,6 +154,8 @@ def _pod_spec(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], imag
         "volumes": [{"name": "scratch", "emptyDir": {}}],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
     }
+    if step in PER_SHARD_STEPS and runner.get("compilationCache"):
+        pod["volumes"].append({"name": "compilation-cache", **runner["compilationCache"]})
     for key in ("nodeSelector", "tolerations", "priorityClassName", "serviceAccountName"):
         if runner.get(key):
             pod[key] = runner[key]
@@ -175,11 +196,11 @@ def job_manifest(
     }
     retries = spec["maxRetriesPerShard"]
     if step in PER_SHARD_STEPS:
-        shards = spec["shards"]
+        count = pods(fit, step)
         job_spec = {
             "completionMode": "Indexed",
-            "completions": shards,
-            "parallelism": shards,  # one pod per shard; a queue (e.g. Kueue) may admit fewer
+            "completions": count,
+            "parallelism": count,  # all pods at once; a queue (e.g. Kueue) may admit fewer
             "backoffLimitPerIndex": retries,
             # A fit needs every shard: one shard failed for good ends the Job and its other pods.
             "maxFailedIndexes": 0,

@@ -24,13 +24,13 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def count_indexes(ranges: str | None) -> int:
-    """How many indexes a Job's interval string names ("1,3-5" is four)."""
-    total = 0
+def indexes(ranges: str | None) -> tuple[int, ...]:
+    """The indexes a Job's interval string names ("1,3-5" is 1, 3, 4, 5)."""
+    named: list[int] = []
     for part in filter(None, (ranges or "").split(",")):
         first, _, last = part.partition("-")
-        total += int(last or first) - int(first) + 1
-    return total
+        named.extend(range(int(first), int(last or first) + 1))
+    return tuple(named)
 
 
 def parse_report(message: str | None) -> dict | None:
@@ -62,9 +62,10 @@ class JobView:
     outcome: str | None  # "Complete", "Failed" or None while it runs
     reason: str  # of the Failed condition
     message: str
-    active: int
-    succeeded: int
-    failed_indexes: int
+    active: int  # pods running
+    succeeded: int  # pods succeeded
+    completed_indexes: tuple[int, ...]  # of an Indexed Job: the pods (indexes) that succeeded
+    failed_indexes: tuple[int, ...]  # and those failed for good
 
 
 def job_view(job: Mapping[str, Any]) -> JobView:
@@ -86,7 +87,8 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         message=message,
         active=status.get("active") or 0,
         succeeded=status.get("succeeded") or 0,
-        failed_indexes=count_indexes(status.get("failedIndexes")),
+        completed_indexes=indexes(status.get("completedIndexes")),
+        failed_indexes=indexes(status.get("failedIndexes")),
     )
 
 

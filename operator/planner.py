@@ -87,15 +87,23 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
     return patch
 
 
-def shard_counts(total: int, job: JobView | None) -> dict[str, int]:
-    """From a per-shard Job's status: the Job controller's counts are authoritative and cheap."""
+def shard_counts(total: int, job: JobView | None, per_pod: int = 1) -> dict[str, int]:
+    """Shards running, done and failed, from an Indexed Job's status (authoritative and cheap).
+
+    Pod i of a Job with `per_pod` shards per pod holds shards i·per_pod .. (i+1)·per_pod − 1.
+    """
     if job is None:
         return {"total": total, "active": 0, "succeeded": 0, "failed": 0}
+
+    def shards_of(pods: Sequence[int]) -> int:
+        return sum(max(0, min(per_pod, total - pod * per_pod)) for pod in pods)
+
+    succeeded, failed = shards_of(job.completed_indexes), shards_of(job.failed_indexes)
     return {
         "total": total,
-        "active": job.active,
-        "succeeded": job.succeeded,
-        "failed": job.failed_indexes,
+        "active": min(job.active * per_pod, total - succeeded - failed),
+        "succeeded": succeeded,
+        "failed": failed,
     }
 
 
@@ -250,7 +258,7 @@ def plan(
     status: dict[str, Any] = copy.deepcopy(old)
     status["observedGeneration"] = metadata.get("generation")
     steps = children.steps(fit)
-    status["shards"] = shard_counts(spec["shards"], jobs.get("sample"))
+    status["shards"] = shard_counts(spec["shards"], jobs.get("sample"), children.shards_per_pod(fit))
     status["resample"] = shard_counts(spec["shards"], jobs.get("resample")) if "resample" in steps else None
     status["diagnostics"] = diagnostics(pods) or old.get("diagnostics")
     conditions = status.get("conditions", [])

@@ -23,12 +23,16 @@ TERMINATION_LIMIT = 4096
 POD_STEPS = ("partition", "sample", "combine", "resample")
 
 
-def configure_precision() -> None:
-    """float64 on CPU (cheap there, and exact tests need it); float32 on accelerators.
-
-    `CONSENSUSFIT_PRECISION=float32|float64` overrides.
+def configure_jax() -> None:
+    """float64 on CPU (cheap there, and exact tests need it); float32 on accelerators, where
+    float64 runs at a fraction of the speed. `CONSENSUSFIT_PRECISION=float32|float64` overrides.
+    And the persistent compilation cache of $CONSENSUSFIT_COMPILATION_CACHE (runner/compilation.py).
     """
     import jax
+
+    from .compilation import use_compilation_cache
+
+    use_compilation_cache()
 
     choice = os.environ.get("CONSENSUSFIT_PRECISION", "auto")
     if choice not in ("auto", "float32", "float64"):
@@ -76,7 +80,6 @@ def pod_shards(index: int, per_pod: int, total: int) -> list[int]:
 
 
 def command_sample(args) -> dict:
-    from .compilation import use_compilation_cache
     from .data import partition_manifest, shard_data_uri, whole_data_stats
     from .shard import sample_shards
 
@@ -88,18 +91,14 @@ def command_sample(args) -> dict:
     if args.shard is not None:
         shards = parse_shards(args.shard)
     else:
-        index = os.environ.get("JOB_COMPLETION_INDEX")
-        if index is None:
-            raise BadInput("no --shard given and JOB_COMPLETION_INDEX is not set")
-        first = parse_shards(index)[0] * args.shards_per_pod
-        # an index past the last shard keeps its first shard, for the range check to name it
-        shards = pod_shards(first // args.shards_per_pod, args.shards_per_pod, spec.shards) or [first]
+        index = shard_index(None)
+        # an index past the last pod keeps its first shard, for the range check to name it
+        shards = pod_shards(index, args.shards_per_pod, spec.shards) or [index * args.shards_per_pod]
     root = args.out.rstrip("/")
     stats = whole_data_stats(root, args.stats)
     # Shard sizes for the shape bucket describe the partition's output, not other data.
     sizes = None if args.data else (partition_manifest(root) or {}).get("per_shard")
-    configure_precision()
-    use_compilation_cache()
+    configure_jax()
     return sample_shards(
         spec, shards, lambda k: shard_data_uri(root, k, args.data), stats, root, sizes, vectorize=args.vectorize
     )
@@ -116,7 +115,7 @@ def command_combine(args) -> dict:
     from .combiner import combine_fit
 
     spec, _ = load(args.spec)
-    configure_precision()
+    configure_jax()
     return combine_fit(spec, args.out.rstrip("/"), args.stage)
 
 
@@ -136,7 +135,7 @@ def command_resample(args) -> dict:
 
     spec, _ = load(args.spec)
     shard = shard_index(args.shard)
-    configure_precision()
+    configure_jax()
     return resample_shard(spec, args.out.rstrip("/"), shard, args.data, args.stats)
 
 

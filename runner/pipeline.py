@@ -61,13 +61,25 @@ class Progress:
 # The per-shard steps, each with what the progress lines call it.
 SHARD_STEPS = {"sample": "sampling", "resample": "re-sampling"}
 
-def shard_command(spec: FitSpec, root: str, shard: int, step: str = "sample") -> list[str]:
-    """The command a pod of the step's Indexed Job runs for `shard`, as a local process."""
+def shard_command(spec: FitSpec, root: str, shards: list[int], step: str = "sample") -> list[str]:
+    """The command a pod of the step's Indexed Job runs for `shards`, as a local process."""
     manifest = {"metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec.raw}
+    selected = str(shards[0]) if len(shards) == 1 else f"{shards[0]}-{shards[-1]}"
     return [
         sys.executable, "-m", "consensusfit.runner.cli", "--termination-log", os.devnull,
-        step, "--spec", json.dumps(manifest), "--out", root, "--shard", str(shard),
+        step, "--spec", json.dumps(manifest), "--out", root, "--shard", selected,
     ]
+
+def pod_shards(spec: FitSpec, step: str) -> list[list[int]]:
+    """The shards of each process, as of each pod: shardsPerPod consecutive ones for sampling."""
+    per_pod = spec.shards_per_pod if step == "sample" else 1
+    return [list(range(first, min(first + per_pod, spec.shards))) for first in range(0, spec.shards, per_pod)]
+
+def shard_environment() -> dict[str, str]:
+    """The processes' environment: local mode keeps a compilation cache unless told otherwise."""
+    from .compilation import ENVIRONMENT, local_default
+
+    return {**os.environ, ENVIRONMENT: os.environ.get(ENVIRONMENT, local_default())}
 
 def _stop(processes) -> None:
     for process in processes:
@@ -86,31 +98,33 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step:
     `_SUCCESS.json`, so the next run starts where this one stopped.
     """
     activity = SHARD_STEPS[step]
-    pending = list(range(spec.shards))
-    running: dict[int, subprocess.Popen] = {}
+    pending = pod_shards(spec, step)
+    running: dict[tuple[int, ...], subprocess.Popen] = {}
+    environment = shard_environment()
     done = 0
     phase_started = time.monotonic()
     progress.shards(activity, done, 0, phase_started)
     try:
         while pending or running:
             while pending and len(running) < workers:
-                shard = pending.pop(0)
-                running[shard] = subprocess.Popen(
-                    shard_command(spec, root, shard, step),
+                shards = pending.pop(0)
+                running[tuple(shards)] = subprocess.Popen(
+                    shard_command(spec, root, shards, step), env=environment,
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )
             time.sleep(0.1)
-            for shard, process in list(running.items()):
+            for shards, process in list(running.items()):
                 if process.poll() is None:
                     continue
-                del running[shard]
+                del running[shards]
                 error = process.stderr.read().strip()
                 if process.returncode != 0:
                     reason = error.splitlines()[-1] if error else "no output"
                     failure = BadInput if process.returncode == 3 else TransientError
-                    raise failure(f"{activity} shard {shard} failed (exit {process.returncode}): {reason}")
-                done += 1
-                progress.shards(activity, done, len(running), phase_started)
+                    named = f"shard {shards[0]}" if len(shards) == 1 else f"shards {shards[0]}-{shards[-1]}"
+                    raise failure(f"{activity} {named} failed (exit {process.returncode}): {reason}")
+                done += len(shards)
+                progress.shards(activity, done, sum(map(len, running)), phase_started)
     finally:
         _stop(running.values())
 
@@ -124,7 +138,7 @@ class FitResult:
 def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
     """Partition, sample every shard, combine (globals, re-sampling, finish), and optionally fit
     the full data for reference."""
-    from .cli import configure_precision
+    from .cli import configure_jax
     from .combiner import combine_fit
     from .partition import partition_fit
     from .storage import open_store
@@ -136,7 +150,7 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
     partition_fit(spec, root)
     run_shards(spec, root, workers, progress)
     progress.phase("combining the global parameters")
-    configure_precision()
+    configure_jax()
     combine_fit(spec, root, "globals")
     if spec.combine["groupParameters"] == "resample":
         run_shards(spec, root, workers, progress, "resample")

@@ -83,6 +83,11 @@ class FitSpec:
         return self.raw.get("output", {}).get("uri")
 
     @property
+    def shards_per_pod(self) -> int:
+        """Shards one sample pod (or local process) takes: `spec.runner.shardsPerPod`."""
+        return int(self.raw.get("runner", {}).get("shardsPerPod", 1))
+
+    @property
     def group_column(self) -> str | None:
         return self.data.get("groupColumn")
 
@@ -134,6 +139,10 @@ def check(spec: dict) -> None:
     accept = sampler["targetAcceptProb"]
     if not isinstance(accept, (int, float)) or not 0 < accept < 1:
         raise BadInput(f"spec.sampler.targetAcceptProb must be in (0, 1), got {accept!r}")
+    runner = spec.get("runner", {})
+    if not isinstance(runner, dict):
+        raise BadInput("spec.runner must be a mapping")
+    _require_int(runner.get("shardsPerPod", 1), "runner.shardsPerPod", 1)
     combine = spec["combine"]
     if combine["method"] not in COMBINE_METHODS:
         raise BadInput(

@@ -72,7 +72,8 @@ def job(step: str, outcome: str | None = None, *, active: int = 0, succeeded: in
     return JobView(
         name=job_name(fit, step), step=step, created=T0 + timedelta(seconds=1), suspended=suspended,
         suspended_by_fit=by_fit, outcome=outcome, reason=reason, message="", active=active,
-        succeeded=succeeded, failed_indexes=failed_indexes,
+        succeeded=succeeded, completed_indexes=tuple(range(succeeded)),
+        failed_indexes=tuple(range(succeeded, succeeded + failed_indexes)),
     )
 
 

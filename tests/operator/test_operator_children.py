@@ -7,7 +7,7 @@ import json
 from cfit_support import make_fit, shard_report
 
 from consensusfit.operator import children, labels
-from consensusfit.operator.observe import count_indexes, job_view, pod_view
+from consensusfit.operator.observe import indexes, job_view, pod_view
 from consensusfit.runner.spec import parse
 
 
@@ -111,11 +111,12 @@ def test_job_and_pod_views_read_what_kubernetes_writes():
                         "creationTimestamp": "2026-01-01T00:00:00Z",
                         "annotations": {labels.SUSPENDED_BY_FIT: "true"}},
            "spec": {"suspend": True},
-           "status": {"active": 2, "succeeded": 5, "failedIndexes": "1,3-4",
+           "status": {"active": 2, "succeeded": 5, "completedIndexes": "0,2,5-7", "failedIndexes": "1,3-4",
                       "conditions": [{"type": "Failed", "status": "True", "reason": "FailedIndexes",
                                       "message": "indexes failed"}]}}
     view = job_view(job)
-    assert (view.step, view.outcome, view.reason, view.failed_indexes) == ("sample", "Failed", "FailedIndexes", 3)
+    assert (view.step, view.outcome, view.reason) == ("sample", "Failed", "FailedIndexes")
+    assert view.failed_indexes == (1, 3, 4) and view.completed_indexes == (0, 2, 5, 6, 7)
     assert view.suspended and view.suspended_by_fit and (view.active, view.succeeded) == (2, 5)
     pod = {"metadata": {"name": "p", "uid": "u", "labels": {labels.STEP: "sample"},
                         "annotations": {"batch.kubernetes.io/job-completion-index": "7"},
@@ -128,4 +129,30 @@ def test_job_and_pod_views_read_what_kubernetes_writes():
     view = pod_view(pod)
     assert (view.index, view.exit_code, view.disrupted, view.done) == (7, 0, False, True)
     assert view.report["shard"] == 7 and (view.finished - view.started).total_seconds() == 60
-    assert count_indexes("") == 0 and count_indexes("0-9,20") == 11
+    assert indexes("") == () and len(indexes("0-9,20")) == 11
+
+
+def test_shards_per_pod_packs_consecutive_shards_into_fewer_sample_pods():
+    fit = make_fit(shards=10, runner={"shardsPerPod": 4})
+    sample = children.job_manifest(fit, "sample", {}, "runner:1")
+    assert sample["spec"]["completions"] == sample["spec"]["parallelism"] == 3  # 4 + 4 + 2 shards
+    command = sample["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--shards-per-pod") + 1] == "4"
+    resample = children.job_manifest(fit, "resample", {}, "runner:1")
+    assert resample["spec"]["completions"] == 10  # re-sampling stays one pod per shard
+    assert "--shards-per-pod" not in resample["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_the_compilation_cache_volume_reaches_the_sampling_pods_only():
+    cache = {"persistentVolumeClaim": {"claimName": "jax-cache"}}
+    fit = make_fit(runner={"compilationCache": cache})
+    for step in children.STEPS:
+        pod = children.job_manifest(fit, step, {}, "runner:1")["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        mounted = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        if step in ("sample", "resample"):
+            assert {"name": "compilation-cache", **cache} in pod["volumes"]
+            assert env["CONSENSUSFIT_COMPILATION_CACHE"] == mounted["compilation-cache"]
+        else:
+            assert "compilation-cache" not in mounted and "CONSENSUSFIT_COMPILATION_CACHE" not in env

@@ -127,6 +127,8 @@ class Cluster:
 
     async def finish_job(self, job: dict, **status: object) -> None:
         status["conditions"] = [{"type": "Complete", "status": "True"}]
+        if job["spec"].get("completionMode") == "Indexed":  # as the Job controller writes it
+            status["completedIndexes"] = f"0-{job['spec']['completions'] - 1}"
         async with self.http.patch(f"{JOBS}/{job['metadata']['name']}", json={"status": status}) as response:
             assert response.status < 300, await response.text()
 

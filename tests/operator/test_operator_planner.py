@@ -455,3 +455,14 @@ def test_spec_generation_is_observed():
 def test_merge_patch_sets_changes_and_nulls_removals():
     assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"a": 1, "b": {"c": 2}}) == {"b": {"c": 2, "d": None}}
     assert merge_patch({"a": [1]}, {"a": [1]}) == {}
+
+
+def test_shard_counts_are_in_shards_when_pods_take_several():
+    """10 shards, 4 per pod: pods 0 and 2 done (4 + 2 shards), pod 1 running (4 shards)."""
+    fit = make_fit(shards=10, runner={"shardsPerPod": 4},
+                   status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    sample = planner.JobView(**{**job("sample", active=1).__dict__, "completed_indexes": (0, 2)})
+    result = plan(fit, {**complete("partition"), "sample": sample}, [], NOW, CONFIG)
+    assert result.state["shards"] == {"total": 10, "active": 4, "succeeded": 6, "failed": 0}
+    failed = planner.JobView(**{**sample.__dict__, "active": 0, "failed_indexes": (1,)})
+    assert planner.shard_counts(10, failed, 4) == {"total": 10, "active": 0, "succeeded": 6, "failed": 4}

@@ -186,6 +186,13 @@ def test_runner_defaults_reach_the_runner_pods_and_a_fit_overrides_them():
     assert pod["serviceAccountName"] == "team-a-runner"
 
 
+def test_a_compilation_cache_volume_from_the_values_reaches_the_sampling_pods():
+    claim = {"persistentVolumeClaim": {"claimName": "jax-cache"}}
+    config = Config.from_env(container_env(render("runner.compilationCache.persistentVolumeClaim.claimName=jax-cache")))
+    pod = job_manifest(_fit(), "sample", config.runner_defaults, config.runner_image)["spec"]["template"]["spec"]
+    assert {"name": "compilation-cache", **claim} in pod["volumes"]
+
+
 def test_cluster_wide_runner_defaults_name_no_service_account():
     # A ServiceAccount exists per namespace: cluster-wide, fits anywhere use their namespace's default.
     defaults = Config.from_env(container_env(render())).runner_defaults

@@ -74,6 +74,7 @@ namespace and a pod naming an absent one is never created.
 {{- with $r.tolerations }}{{ $_ := set $d "tolerations" . }}{{ end -}}
 {{- with $r.priorityClassName }}{{ $_ := set $d "priorityClassName" . }}{{ end -}}
 {{- with $r.labels }}{{ $_ := set $d "labels" . }}{{ end -}}
+{{- with $r.compilationCache }}{{ $_ := set $d "compilationCache" . }}{{ end -}}
 {{- $env := list -}}
 {{- with $r.s3.endpoint }}{{ $env = append $env (dict "name" "AWS_ENDPOINT_URL" "value" .) }}{{ end -}}
 {{- with $r.s3.region }}{{ $env = append $env (dict "name" "AWS_REGION" "value" .) }}{{ end -}}
