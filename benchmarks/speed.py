@@ -196,7 +196,7 @@ def command_gradient(args) -> None:
     in_nuts = diagnostics["gradient_evaluations"] / diagnostics["seconds"]["sampling"]
     print(f"one shard of {data.rows} rows / {data.groups} patients, {jax.default_backend()}, "
           f"{'float64' if jax.config.jax_enable_x64 else 'float32'}\n")
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     print(f"| gradient evaluations/s (jit, one point) | {per_second:,.0f} |")
     print(f"| gradient evaluations/s inside NUTS ({args.chains} chains) | {in_nuts:,.0f} |")
     print(f"| bytes the gradient reads (its arguments) | {argument_bytes / 2**20:.1f} MiB |")

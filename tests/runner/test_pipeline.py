@@ -27,7 +27,7 @@ def model(g, y=None):
 '''
 
 
-def small_fit(tmp_path, shards=3, samples=200, name="small", group_parameters="keep"):
+def small_fit(tmp_path, shards=3, samples=200, name="small", group_parameters="keep", runner=None):
     rng = np.random.default_rng(0)
     groups = 24
     g = np.repeat(np.arange(groups), 5)
@@ -43,6 +43,7 @@ def small_fit(tmp_path, shards=3, samples=200, name="small", group_parameters="k
             "sampler": {"warmup": 150, "samples": samples, "chains": 2, "seed": 1},
             "combine": {"method": "consensus", "groupParameters": group_parameters},
             "output": {"uri": str(tmp_path / "runs")},
+            **({"runner": runner} if runner else {}),
         },
     }
     path = tmp_path / "fit.yaml"
@@ -158,3 +159,16 @@ def test_run_with_data_and_results_on_s3(tmp_path, s3_bucket):
     assert any(key.endswith("combined/summary.json") for key in keys)
     assert any(key.endswith("report/posteriors.png") for key in keys)
     assert sum(key.endswith("/_SUCCESS.json") and "/shards/" in key for key in keys) == 2
+
+
+def test_shards_per_pod_packs_shards_into_one_process_with_a_compilation_cache(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "jax-cache"
+    monkeypatch.setenv("CONSENSUSFIT_COMPILATION_CACHE", str(cache))
+    path = small_fit(tmp_path, samples=50, runner={"shardsPerPod": 3})
+    assert main(["run", str(path), "--workers", "2"]) == 0
+    progress = capsys.readouterr().err
+    # one process took all three shards: progress jumps from 0 to 3
+    assert "sampling: 3/3 shards done" in progress
+    assert "sampling: 1/3" not in progress and "sampling: 2/3" not in progress
+    assert all((fit_folder(tmp_path) / "shards" / str(k) / "_SUCCESS.json").exists() for k in range(3))
+    assert any(cache.iterdir())  # the shard process compiled into the cache it was given

@@ -11,7 +11,6 @@ import numpyro.distributions as dist
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
