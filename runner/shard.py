@@ -149,7 +149,10 @@ def _write(spec: FitSpec, prepared: PreparedShard, samples: Samples, settings: S
     """Draws, diagnostics and the marker of one sampled shard; its termination summary."""
     started = time.perf_counter()
     loaded, global_sites = prepared.loaded, prepared.global_sites
-    samples = trimmed(samples, global_sites.shapes)
+    # Only local sites live on the padded rows and groups (global ones, such as a Cholesky factor
+    # whose unconstrained shape differs, are never padded).
+    global_names = set(global_sites.latent) | set(global_sites.deterministic)
+    samples = trimmed(samples, {n: shape for n, shape in global_sites.shapes.items() if n not in global_names})
     fingerprint = spec.fingerprint()
     metadata = {
         "fingerprint": fingerprint,
