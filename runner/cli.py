@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import BadInput, TransientError
-from .spec import load
+from .spec import load, pod_shards
 
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LIMIT = 4096
@@ -72,11 +72,6 @@ def parse_shards(value: str) -> list[int]:
         return [int(v) for v in value.split(",")]
     except ValueError:
         raise BadInput(f"--shard must be K, A-B or a comma list, got {value!r}") from None
-
-
-def pod_shards(index: int, per_pod: int, total: int) -> list[int]:
-    """The shards the pod with Job completion index `index` samples: per_pod consecutive ones."""
-    return list(range(index * per_pod, min((index + 1) * per_pod, total)))
 
 
 def command_sample(args) -> dict:

@@ -394,8 +394,7 @@ def resample_shard(
     root = open_store(out_uri)
     store = root.child(f"combined/groups/{shard}")
     fingerprint = spec.fingerprint()
-    if not 0 <= shard < spec.shards:
-        raise BadInput(f"shard {shard} is out of range: the fit has {spec.shards} shards (0..{spec.shards - 1})")
+    spec.check_shard(shard)
     if done := completed(store, fingerprint):
         return resample_message(shard, done)
     _require_globals(root, fingerprint, f"cannot re-sample shard {shard}")

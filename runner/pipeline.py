@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BadInput, TransientError
-from .spec import FitSpec
+from .spec import FitSpec, pod_shards
 
 DEFAULT_OUTPUT = "./consensusfit-runs"
 
@@ -70,10 +70,10 @@ def shard_command(spec: FitSpec, root: str, shards: list[int], step: str = "samp
         step, "--spec", json.dumps(manifest), "--out", root, "--shard", selected,
     ]
 
-def pod_shards(spec: FitSpec, step: str) -> list[list[int]]:
+def process_shards(spec: FitSpec, step: str) -> list[list[int]]:
     """The shards of each process, as of each pod: shardsPerPod consecutive ones for sampling."""
     per_pod = spec.shards_per_pod if step == "sample" else 1
-    return [list(range(first, min(first + per_pod, spec.shards))) for first in range(0, spec.shards, per_pod)]
+    return [pod_shards(index, per_pod, spec.shards) for index in range(-(-spec.shards // per_pod))]
 
 def shard_environment() -> dict[str, str]:
     """The processes' environment: local mode keeps a compilation cache unless told otherwise."""
@@ -98,7 +98,7 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step:
     `_SUCCESS.json`, so the next run starts where this one stopped.
     """
     activity = SHARD_STEPS[step]
-    pending = pod_shards(spec, step)
+    pending = process_shards(spec, step)
     running: dict[tuple[int, ...], subprocess.Popen] = {}
     environment = shard_environment()
     done = 0

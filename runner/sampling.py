@@ -1,8 +1,8 @@
 """NUTS on one shard or on a batch of shards at once, with every phase timed.
 
-The warmup and sampling loops are `lax.scan`s compiled ahead of time (`CompiledNuts`), so
-compilation is measured on its own instead of hiding inside warmup, and a compiled program is
-reused for every batch of the same shapes. Chains are vectorised (`vmap`), and so are shards: one
+The sampler is two programs compiled ahead of time (`CompiledNuts`: init, and a step that both
+warms up and samples), so compilation is measured on its own instead of hiding inside warmup, and
+the programs are reused for every batch of the same shapes. Chains are vectorised (`vmap`), and so are shards: one
 program runs B shards × C chains, which is what fills a GPU when one shard is too small to.
 
 When the model allows it (`data_as_arguments`), its data are arguments of the compiled program
@@ -120,21 +120,21 @@ class CompiledNuts:
         if batch > 1 and not data_as_arguments:
             raise ValueError("only a model that takes its data as arguments can sample shards in a batch")
         started = time.perf_counter()
-        self.model, self.settings, self.batch = model, settings, batch
+        self.settings, self.batch = settings, batch
         self.data_as_arguments = data_as_arguments
-        self._example_given = example
         self.example = self._device(example)
         arrays, self.constants = self._split(self.example)
-        self.kernel = self._kernel()
+        self.kernel = NUTS(
+            model, target_accept_prob=settings.target_accept_prob, max_tree_depth=settings.max_tree_depth
+        )
 
         def init(keys, data):
-            # A fresh kernel per trace: `init` leaves a chain-vectorised step on the kernel.
-            return self._kernel().init(keys, settings.warmup, model_kwargs={**data, **self.constants})
+            # Traced once: it also leaves on `self.kernel` the chain-vectorised step `step` uses.
+            return self.kernel.init(keys, settings.warmup, model_kwargs={**data, **self.constants})
 
         keys = random.split(random.PRNGKey(0), settings.chains)
         lowered = jax.jit(init).lower(_shape(keys), _shape(arrays))
         self.init_program, state = lowered.compile(), lowered.out_info
-        self.kernel.init(keys, settings.warmup, model_kwargs=self.example)  # its step, for `step`
 
         def advance(state, data):
             return self.kernel.sample(state, (), {**data, **self.constants})
@@ -163,13 +163,6 @@ class CompiledNuts:
         arrays = {k: v for k, v in arguments.items() if self.data_as_arguments and isinstance(v, jax.Array)}
         return arrays, {k: v for k, v in arguments.items() if k not in arrays}
 
-    def _kernel(self) -> NUTS:
-        return NUTS(
-            self.model,
-            target_accept_prob=self.settings.target_accept_prob,
-            max_tree_depth=self.settings.max_tree_depth,
-        )
-
     def _transitions(self, state, data, total: int):
         """`total` transitions in calls of CHUNK; the final state and the draws (total, ...)."""
         collected = []
@@ -184,7 +177,8 @@ class CompiledNuts:
         if len(arguments) != len(seeds) or not 0 < len(arguments) <= self.batch:
             raise ValueError(f"{len(arguments)} shards and {len(seeds)} seeds for a batch of {self.batch}")
         started = time.perf_counter()
-        if not self.data_as_arguments and not all(a is self._example_given or a is self.example for a in arguments):
+        # Without data as arguments `example` is the caller's own dict, baked into the programs.
+        if not self.data_as_arguments and not all(a is self.example for a in arguments):
             raise ValueError("a model with its data as constants samples only the data it was compiled for")
         arguments = [self._device(a) for a in arguments]
         data = [self._split(a)[0] for a in arguments]

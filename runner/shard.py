@@ -137,10 +137,9 @@ def _prepare(model: Model, spec: FitSpec, loaded: LoadedShard, bucket: Bucket | 
     # Tracing runs on the main thread: NumPyro's handler stack is global.
     started = time.perf_counter()
     data = loaded.data
-    global_sites = resolve_global_sites(
-        model.fn, model.prepare(data), model.prepare(data.doubled()), spec.global_sites
-    )
-    arguments = model.prepare(data.padded(bucket.rows, bucket.groups) if bucket else data)
+    unpadded = model.prepare(data)
+    global_sites = resolve_global_sites(model.fn, unpadded, model.prepare(data.doubled()), spec.global_sites)
+    arguments = model.prepare(data.padded(bucket.rows, bucket.groups)) if bucket else unpadded
     seed = shard_seed(spec.sampler["seed"], loaded.shard)
     return PreparedShard(loaded, global_sites, arguments, seed, loaded.seconds + time.perf_counter() - started)
 
@@ -149,10 +148,7 @@ def _write(spec: FitSpec, prepared: PreparedShard, samples: Samples, settings: S
     """Draws, diagnostics and the marker of one sampled shard; its termination summary."""
     started = time.perf_counter()
     loaded, global_sites = prepared.loaded, prepared.global_sites
-    # Only local sites live on the padded rows and groups (global ones, such as a Cholesky factor
-    # whose unconstrained shape differs, are never padded).
-    global_names = set(global_sites.latent) | set(global_sites.deterministic)
-    samples = trimmed(samples, {n: shape for n, shape in global_sites.shapes.items() if n not in global_names})
+    samples = trimmed(samples, global_sites.local_shapes)
     fingerprint = spec.fingerprint()
     metadata = {
         "fingerprint": fingerprint,
@@ -225,8 +221,7 @@ def sample_shards(
     summaries: dict[int, dict] = {}
     todo = []
     for k in shards:
-        if not 0 <= k < spec.shards:
-            raise BadInput(f"shard {k} is out of range: the fit has {spec.shards} shards (0..{spec.shards - 1})")
+        spec.check_shard(k)
         store = root.child(f"shards/{k}")
         if completed(store, fingerprint):
             summaries[k] = termination_summary(json.loads(store.read_bytes("diagnostics.json")))

@@ -96,11 +96,21 @@ class FitSpec:
         """Sites the user declared global; None means: find them automatically."""
         return self.model.get("globalSites")
 
+    def check_shard(self, shard: int) -> None:
+        """Refuse a shard index this fit does not have, naming the valid range."""
+        if not 0 <= shard < self.shards:
+            raise BadInput(f"shard {shard} is out of range: the fit has {self.shards} shards (0..{self.shards - 1})")
+
     def fingerprint(self) -> str:
         """A short hash of everything that changes the answer (see FINGERPRINT_FIELDS)."""
         relevant = {key: self.raw.get(key) for key in FINGERPRINT_FIELDS}
         canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def pod_shards(index: int, per_pod: int, total: int) -> list[int]:
+    """The shards of pod `index` (a Job completion index) when pods take per_pod consecutive ones."""
+    return list(range(index * per_pod, min((index + 1) * per_pod, total)))
 
 
 def _require_int(value: Any, where: str, minimum: int) -> int:

@@ -88,12 +88,12 @@ def same_shape_sites(shapes: dict, doubled_shapes: dict) -> list[str]:
 @dataclass(frozen=True)
 class GlobalSites:
     """The global latent sites (tempered, combined) and global deterministic sites (reported),
-    and the shape of every latent and deterministic site on the shard as given (what the draws of
-    a padded shard are trimmed back to)."""
+    and the shape of every other (local) latent and deterministic site on the shard as given: what
+    the draws of a padded shard are trimmed back to (global sites are never padded)."""
 
     latent: list[str]
     deterministic: list[str]
-    shapes: dict[str, tuple[int, ...]]
+    local_shapes: dict[str, tuple[int, ...]]
 
 
 def resolve_global_sites(
@@ -111,13 +111,17 @@ def resolve_global_sites(
     deterministic_shapes = site_shapes(trace, "deterministic")
     deterministic = same_shape_sites(deterministic_shapes, site_shapes(doubled_trace, "deterministic"))
     shapes = {**latent, **deterministic_shapes}
+
+    def sites(latent_names: list[str]) -> GlobalSites:
+        local = {name: shape for name, shape in shapes.items() if name not in {*latent_names, *deterministic}}
+        return GlobalSites(latent_names, deterministic, local)
+
     if declared is None:
-        found = same_shape_sites(latent, site_shapes(doubled_trace, "latent"))
-        return GlobalSites(found, deterministic, shapes)
+        return sites(same_shape_sites(latent, site_shapes(doubled_trace, "latent")))
     unknown = [name for name in declared if name not in latent]
     if unknown:
         raise BadInput(
             f"spec.model.globalSites names {', '.join(unknown)}, which the model does not "
             f"sample; its latent sites are {', '.join(latent)}"
         )
-    return GlobalSites(list(declared), deterministic, shapes)
+    return sites(list(declared))
