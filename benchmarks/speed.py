@@ -39,6 +39,7 @@ import jax  # noqa: E402
 
 from consensusfit.runner.cli import configure_jax  # noqa: E402
 from consensusfit.runner.compilation import use_compilation_cache  # noqa: E402
+from consensusfit.runner.cores import cpu_lanes  # noqa: E402
 from consensusfit.runner.data import model_rows, partition_manifest  # noqa: E402
 from consensusfit.runner.models import model_from_spec  # noqa: E402
 from consensusfit.runner.partition import partition_fit  # noqa: E402
@@ -77,13 +78,15 @@ def shard_uri(root: str):
     return lambda k: f"{root}/partition/shard={k}/"
 
 
-def plain_mcmc(spec, root: str, stats: dict, shards: list[int]) -> list[float]:
-    """Seconds per shard (read + `MCMC.run` + draws to host) of one plain MCMC per shard."""
+def plain_mcmc(spec, root: str, stats: dict, shards: list[int]) -> tuple[list[float], float]:
+    """Seconds per shard (read + `MCMC.run` + draws to host) of one plain MCMC per shard, and
+    the CPU seconds of them all."""
     from numpyro.infer import MCMC, NUTS
 
     model = model_from_spec(spec, stats)
     sampler = spec.sampler
     seconds = []
+    cpu_started = time.process_time()
     for k in shards:
         started = time.perf_counter()
         data = model_rows(model, spec, shard_uri(root)(k), f"shard {k}")
@@ -102,19 +105,21 @@ def plain_mcmc(spec, root: str, stats: dict, shards: list[int]) -> list[float]:
         jax.block_until_ready(mcmc.get_samples())
         seconds.append(time.perf_counter() - started)
         print(f"  plain MCMC: shard {k}: {seconds[-1]:.1f} s", file=sys.stderr)
-    return seconds
+    return seconds, time.process_time() - cpu_started
 
 
 def ours(spec, root: str, stats: dict, sizes: list[dict], shards: list[int], per_pod: int, out: str,
-         vectorize: int | None = None) -> dict:
-    """Wall seconds and per-phase seconds of the sample step, `per_pod` shards per call (a pod).
+         vectorize: int | None = None, lanes: int | None = None) -> dict:
+    """Wall and CPU seconds, and per-phase seconds, of the sample step, `per_pod` shards per call
+    (a pod; its default lanes: one per core on a CPU).
 
     Call `use_compilation_cache` first (after the baseline, which must not profit from it).
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for first in range(0, len(shards), per_pod):
-        sample_shards(spec, shards[first:first + per_pod], shard_uri(root), stats, out, sizes, vectorize=vectorize)
-    wall = time.perf_counter() - started
+        sample_shards(spec, shards[first:first + per_pod], shard_uri(root), stats, out, sizes,
+                      vectorize=vectorize, lanes=lanes)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     phases = {phase: [] for phase in PHASES}
     evaluations = []
     for k in shards:
@@ -122,7 +127,7 @@ def ours(spec, root: str, stats: dict, sizes: list[dict], shards: list[int], per
         for phase in PHASES:
             phases[phase].append(diagnostics["seconds"].get(phase, 0.0))
         evaluations.append(diagnostics["gradient_evaluations"] / diagnostics["seconds"]["sampling"])
-    return {"wall": wall, "phases": phases, "evaluations_per_second": evaluations}
+    return {"wall": wall, "cpu": cpu, "phases": phases, "evaluations_per_second": evaluations}
 
 
 def command_shards(args) -> None:
@@ -134,22 +139,25 @@ def command_shards(args) -> None:
         print(f"{args.shards} shards of {min(rows)}-{max(rows)} rows, {args.chains} chains x "
               f"({args.warmup} warmup + {args.samples} draws), {jax.default_backend()}, "
               f"{jax.config.jax_enable_x64 and 'float64' or 'float32'}\n")
-        baseline = plain_mcmc(spec, root, stats, shards)
+        baseline, baseline_cpu = plain_mcmc(spec, root, stats, shards)
         use_compilation_cache(f"{folder}/compilation-cache")  # empty: ours compiles its first shard
         results = {}
-        for per_pod in args.per_pod:
-            print(f"  ours, {per_pod} shard(s) at a time", file=sys.stderr)
-            results[per_pod] = ours(spec, root, stats, sizes, shards, per_pod, f"{folder}/ours-{per_pod}")
-    plain = float(np.mean(baseline))
-    print("| sampler | seconds per shard | " + " | ".join(PHASES) + " | vs plain |")
-    print("|---|---|" + "---|" * len(PHASES) + "---|")
-    print(f"| plain MCMC per shard | {plain:.2f} | " + " | ".join("" for _ in PHASES) + " | 1.0× |")
-    for per_pod, result in results.items():
-        per_shard = result["wall"] / len(shards)
+        for per_pod, lanes in [(p, lanes) for p in args.per_pod for lanes in ([1] if p == 1 else args.lanes)]:
+            print(f"  ours, {per_pod} shard(s) a pod, {lanes or 'default'} lanes", file=sys.stderr)
+            out = f"{folder}/ours-{per_pod}-{lanes}"
+            results[per_pod, lanes] = ours(spec, root, stats, sizes, shards, per_pod, out, lanes=lanes)
+    plain, plain_cpu = float(np.mean(baseline)), baseline_cpu / len(shards)
+    print("| sampler | seconds per shard | CPU seconds per shard | " + " | ".join(PHASES) + " | vs plain |")
+    print("|---|---|---|" + "---|" * len(PHASES) + "---|")
+    print(f"| plain MCMC per shard | {plain:.2f} | {plain_cpu:.2f} | " + " | ".join("" for _ in PHASES) + " | 1.0× |")
+    for (per_pod, lanes), result in results.items():
+        per_shard, cpu = result["wall"] / len(shards), result["cpu"] / len(shards)
         cells = " | ".join(f"{np.sum(result['phases'][p]) / len(shards):.2f}" for p in PHASES)
-        print(f"| ours, shardsPerPod={per_pod} | {per_shard:.2f} | {cells} | {plain / per_shard:.1f}× |")
+        name = f"shardsPerPod={per_pod}" + (f", {lanes or cpu_lanes()} lanes" if per_pod > 1 else "")
+        print(f"| ours, {name} | {per_shard:.2f} | {cpu:.2f} | {cells} | {plain / per_shard:.1f}× |")
     print("\nPhase columns: seconds summed over the shards, divided by the number of shards (a batch's "
-          "compile, warmup and sampling are counted once). First plain shard "
+          "compile, warmup and sampling are counted once; lanes sample at the same time, so with "
+          "several lanes the phases add up to more than the wall time). First plain shard "
           f"{baseline[0]:.1f} s, later ones {np.mean(baseline[1:]):.1f} s on average.")
 
 
@@ -217,7 +225,7 @@ def command_throughput(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         spec, root, stats, sizes = partitioned(Path(folder), patients, args.shards, sampler)
         shards = list(range(args.shards))
-        plain = plain_mcmc(spec, root, stats, shards[: args.plain_shards])
+        plain, _ = plain_mcmc(spec, root, stats, shards[: args.plain_shards])
         use_compilation_cache(f"{folder}/compilation-cache")
         results = {
             per_pod: ours(spec, root, stats, sizes, shards, per_pod, f"{folder}/ours-{per_pod}", args.vectorize)
@@ -253,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("--patients", type=int, default=176)
     sampler_flags(shards, 1000, 1000, 4)
     per_pod_flag(shards, [1, 20])
+    shards.add_argument("--lanes", type=lambda s: [int(v) or None for v in s.split(",")], default=[1, None],
+                        help="comma list of lanes (shards sampled at once) for shardsPerPod > 1; 0: one per core")
     shards.set_defaults(handler=command_shards)
 
     gradient = commands.add_parser("gradient", help="gradient evaluations/s and bandwidth on one shard")

@@ -15,6 +15,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from .cores import available_cores
 from .errors import BadInput, TransientError
 from .spec import load, pod_shards
 
@@ -260,7 +261,7 @@ def parser() -> argparse.ArgumentParser:
                           "(default: partition output)")
     resample.add_argument("--stats", help="whole-data statistics JSON (default: the partition manifest)")
 
-    workers = dict(type=int, default=os.cpu_count() or 1, help="shards sampled at once (default: cores)")
+    workers = dict(type=int, default=available_cores(), help="processes sampling at once (default: cores)")
     run = steps.add_parser("run", help="run a whole fit locally: partition, shards, combine")
     run.add_argument("fit", help="a ConsensusFit manifest (the file you would kubectl apply)")
     run.add_argument("--workers", **workers)

@@ -75,11 +75,17 @@ def process_shards(spec: FitSpec, step: str) -> list[list[int]]:
     per_pod = spec.shards_per_pod if step == "sample" else 1
     return [pod_shards(index, per_pod, spec.shards) for index in range(-(-spec.shards // per_pod))]
 
-def shard_environment() -> dict[str, str]:
-    """The processes' environment: local mode keeps a compilation cache unless told otherwise."""
-    from .compilation import ENVIRONMENT, local_default
+def shard_environment(processes: int) -> dict[str, str]:
+    """The environment of `processes` processes side by side: local mode keeps a compilation
+    cache unless told otherwise, and the cores are shared out, so that processes sampling several
+    shards do not each start a thread per core."""
+    from . import compilation, cores
 
-    return {**os.environ, ENVIRONMENT: os.environ.get(ENVIRONMENT, local_default())}
+    return {
+        **os.environ,
+        compilation.ENVIRONMENT: os.environ.get(compilation.ENVIRONMENT, compilation.local_default()),
+        cores.ENVIRONMENT: str(max(1, cores.available_cores() // processes)),
+    }
 
 def _stop(processes) -> None:
     for process in processes:
@@ -100,7 +106,7 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step:
     activity = SHARD_STEPS[step]
     pending = process_shards(spec, step)
     running: dict[tuple[int, ...], subprocess.Popen] = {}
-    environment = shard_environment()
+    environment = shard_environment(min(workers, len(pending)))
     done = 0
     phase_started = time.monotonic()
     progress.shards(activity, done, 0, phase_started)

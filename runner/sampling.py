@@ -14,6 +14,7 @@ compile per shard, one shard at a time.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -22,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax, random
-from numpyro.infer import NUTS
+from jax.flatten_util import ravel_pytree
+from numpyro.infer.hmc import hmc
+from numpyro.infer.util import initialize_model
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def _shape(tree: Any) -> Any:
 # CHUNK transitions, so one program serves both, and the draws it returns per call stay small.
 CHUNK = 250
 
+POSITION = "unconstrained"  # the one entry of the position NUTS moves: all latent sites, raveled
+
 
 class CompiledNuts:
     """The programs that sample `batch` shards of one shape, compiled once.
@@ -124,36 +129,80 @@ class CompiledNuts:
         self.data_as_arguments = data_as_arguments
         self.example = self._device(example)
         arrays, self.constants = self._split(self.example)
-        self.kernel = NUTS(
-            model, target_accept_prob=settings.target_accept_prob, max_tree_depth=settings.max_tree_depth
-        )
 
         def init(keys, data):
-            # Traced once: it also leaves on `self.kernel` the chain-vectorised step `step` uses.
-            return self.kernel.init(keys, settings.warmup, model_kwargs={**data, **self.constants})
+            # NumPyro's `HMC.init` (same keys, same adaptation), on the unconstrained sites
+            # raveled into one vector: NUTS then moves, selects and stores one array per step
+            # instead of one per site, and on a CPU each of those is a kernel launch that costs
+            # more than the arithmetic. The vector sits in a one-entry dict so that the mass
+            # matrix is the one-block dict `MCMC` builds, and momenta use the same random numbers.
+            # Traced once; it also leaves the chain-vectorised kernel `step` uses on `self`.
+            kwargs = {**data, **self.constants}
+            keys, init_keys = jnp.swapaxes(jax.vmap(random.split)(keys), 0, 1)
+            info = initialize_model(init_keys, model, model_kwargs=kwargs, dynamic_args=True)
+            z = info.param_info.z
+            self.unravel = ravel_pytree(jax.tree.map(lambda x: x[0], z))[1]
+            self.postprocess = info.postprocess_fn
+
+            def flat_potential(**kwargs):
+                return lambda position: info.potential_fn(**kwargs)(self.unravel(position[POSITION]))
+
+            init_kernel, sample_kernel = hmc(potential_fn_gen=flat_potential, algo="NUTS")
+            self.sample_kernel = jax.vmap(sample_kernel, in_axes=(0, None, None))
+            position = {POSITION: jax.vmap(lambda z: ravel_pytree(z)[0])(z)}
+            return jax.vmap(
+                lambda position, key: init_kernel(
+                    position,
+                    settings.warmup,
+                    dense_mass=[],
+                    target_accept_prob=settings.target_accept_prob,
+                    max_tree_depth=settings.max_tree_depth,
+                    model_kwargs=kwargs,
+                    rng_key=key,
+                )
+            )(position, keys)
 
         keys = random.split(random.PRNGKey(0), settings.chains)
         lowered = jax.jit(init).lower(_shape(keys), _shape(arrays))
         self.init_program, state = lowered.compile(), lowered.out_info
 
         def advance(state, data):
-            return self.kernel.sample(state, (), {**data, **self.constants})
+            return self.sample_kernel(state, (), {**data, **self.constants})
 
         def step(state, data, n):
             def transition(i, carry):
                 state, draws = carry
                 state = jax.vmap(advance)(state, data)
-                new = (state.z, state.diverging, state.num_steps)
+                new = (state.z[POSITION], state.diverging, state.num_steps)
                 return state, jax.tree.map(lambda drawn, value: drawn.at[i].set(value), draws, new)
 
             empty = jax.tree.map(
-                lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype), (state.z, state.diverging, state.num_steps)
+                lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype),
+                (state.z[POSITION], state.diverging, state.num_steps),
             )
             return lax.fori_loop(0, n, transition, (state, empty))
 
         shapes = (_batched_shape(state, batch), _batched_shape(arrays, batch), jax.ShapeDtypeStruct((), jnp.int32))
         self.step_program = jax.jit(step).lower(*shapes).compile()
+
+        def constrain(flat, data):
+            """Raveled draws (chains, draws, dims) -> (unconstrained sites, constrained sites)."""
+            z = jax.vmap(jax.vmap(self.unravel))(flat)
+            return z, jax.vmap(jax.vmap(self.postprocess(**data, **self.constants)))(z)
+
+        position = state.z[POSITION]
+        draws = jax.ShapeDtypeStruct((settings.chains, settings.samples) + position.shape[1:], position.dtype)
+        # Compiled here too: `run` then traces nothing, so threads may run batches at once
+        # (NumPyro's handler stack, which tracing a model uses, is one global list).
+        self.constrain_program = jax.jit(constrain).lower(draws, _shape(arrays)).compile()
         self.compile_seconds = time.perf_counter() - started
+        self._unclaimed_compile = threading.Lock()
+
+    def _claim_compile_seconds(self) -> float:
+        """The compile time, for the first batch that asks; later batches reuse the programs."""
+        with self._unclaimed_compile:
+            seconds, self.compile_seconds = self.compile_seconds, 0.0
+        return seconds
 
     def _device(self, arguments: dict[str, Any]) -> dict[str, Any]:
         return to_device(arguments) if self.data_as_arguments else arguments
@@ -198,18 +247,15 @@ class CompiledNuts:
         sampled = time.perf_counter()
 
         seconds = {
-            "compile": self.compile_seconds,
+            "compile": self._claim_compile_seconds(),
             "init": initialised - started,
             "warmup": warmed - initialised,
             "sampling": sampled - warmed,
         }
-        self.compile_seconds = 0.0  # later batches reuse the programs
         results = []
-        for i, shard_arguments in enumerate(arguments):
-            # draws come stacked first: (draws, shards, chains, ...) -> (chains, draws, ...)
-            shard_z = jax.tree.map(lambda x: jnp.swapaxes(x[:, i], 0, 1), z)
-            postprocess = self.kernel.postprocess_fn((), shard_arguments)
-            constrained = jax.vmap(jax.vmap(postprocess))(shard_z)
+        for i, shard_data in enumerate(data):
+            # draws come stacked first: (draws, shards, chains, dims) -> (chains, draws, dims)
+            shard_z, constrained = self.constrain_program(jnp.swapaxes(z[:, i], 0, 1), shard_data)
             results.append(
                 Samples(
                     unconstrained={name: np.asarray(value) for name, value in shard_z.items()},

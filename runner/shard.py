@@ -8,8 +8,8 @@ never overwritten.
 
 Several shards in one process (`spec.runner.shardsPerPod`): a model that takes its data as
 arguments (formula models) pads every shard to the fit's shape bucket (runner/buckets.py), and one
-program, compiled once, samples them: all at once, vectorised, on an accelerator; one after the
-other on a CPU. The padding is trimmed off the draws. Other models compile per shard. Either way
+program, compiled once, samples them: all at once, vectorised, on an accelerator; one per core at
+a time, in threads, on a CPU (runner/cores.py). The padding is trimmed off the draws. Other models compile per shard. Either way
 shards are read in background threads while the first compiles, and each shard is written in the
 background while the next one samples.
 """
@@ -26,6 +26,7 @@ import numpy as np
 
 from .buckets import Bucket, fit_bucket
 from .completion import completed, mark_complete
+from .cores import cpu_lanes
 from .data import model_rows
 from .diagnostics import summarize
 from .draws import Draws, Site, scalar_components, to_parquet_bytes
@@ -205,14 +206,16 @@ def sample_shards(
     shard_sizes: list[dict] | None = None,
     pad: bool = True,
     vectorize: int | None = None,
+    lanes: int | None = None,
 ) -> dict:
     """Sample `shards` of `spec` (rows of shard k at `data_uri(k)`), write under `out_uri`.
 
     `shard_sizes` (the partition manifest's per-shard rows and groups) sets the fit's shape
     bucket; `pad=False` samples every shard at its own shapes, with its own program (for
     comparison). `vectorize`: shards per call of the compiled program; default all of them on an
-    accelerator, one at a time on a CPU (whose cores a vectorised NUTS step does not fill better
-    than one shard's). Returns the pod's termination summary (`pod_summary`).
+    accelerator, one on a CPU (whose cores a vectorised NUTS step does not fill better than one
+    shard's). `lanes`: calls running at once, in threads; default one on an accelerator, one per
+    core on a CPU (`cores.cpu_lanes`). Returns the pod's termination summary (`pod_summary`).
     """
     import jax
 
@@ -230,11 +233,13 @@ def sample_shards(
     if todo:
         model = model_from_spec(spec, stats)
         settings = SamplerSettings.from_spec(spec.sampler)
-        width = vectorize or (len(todo) if jax.default_backend() != "cpu" else 1)
+        on_cpu = jax.default_backend() == "cpu"
+        width = min(vectorize or (1 if on_cpu else len(todo)), len(todo))
+        lanes = lanes or (cpu_lanes() if on_cpu else 1)
         with ThreadPoolExecutor(IO_THREADS) as io:
             loads = [io.submit(_load, model, spec, k, data_uri(k), store) for k, store in todo]
             if model.data_as_arguments and pad:
-                written = _sample_padded(spec, model, settings, loads, shard_sizes, min(width, len(todo)), io)
+                written = _sample_padded(spec, model, settings, loads, shard_sizes, width, lanes, io)
             else:
                 written = _sample_one_by_one(spec, model, settings, loads, io)
             summaries.update({summary["shard"]: summary for summary in (f.result() for f in written)})
@@ -248,13 +253,15 @@ def _sampler(spec: FitSpec, model: Model, settings, first: PreparedShard, batch:
 
 
 def _sample_padded(
-    spec: FitSpec, model: Model, settings: SamplerSettings, loads: list[Future], shard_sizes, width: int, io
+    spec: FitSpec, model: Model, settings: SamplerSettings, loads: list[Future], shard_sizes, width: int,
+    lanes: int, io,
 ) -> list[Future]:
-    """Every shard padded to one bucket; one program, compiled once, samples `width` at a time.
+    """Every shard padded to one bucket; one program, compiled once, samples `width` shards a
+    call, `lanes` calls at once.
 
     With the manifest's shard sizes the bucket is known from the first shard, so the program
-    compiles while the others load; each batch is written in the background while the next
-    samples.
+    compiles while the others load. Batches are prepared here (tracing a model must stay on one
+    thread) while earlier ones sample, and each is written in the background.
     """
     first = loads[0].result()
     if shard_sizes:
@@ -264,14 +271,19 @@ def _sample_padded(
         bucket = fit_bucket(None, max(s.data.rows for s in loaded), max(s.data.groups for s in loaded))
     head = _prepare(model, spec, first, bucket)
     sampler = _sampler(spec, model, settings, head, width)
-    written = []
-    for start in range(0, len(loads), width):
-        batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket)
-                 for i in range(start, min(start + width, len(loads)))]
-        _same_global_sites([head] + batch)
+
+    def sample(batch: list[PreparedShard]) -> list[Future]:
         results = sampler.run([p.arguments for p in batch], [p.seed for p in batch])
-        written += [io.submit(_write, spec, p, samples, settings, bucket) for p, samples in zip(batch, results)]
-    return written
+        return [io.submit(_write, spec, p, samples, settings, bucket) for p, samples in zip(batch, results)]
+
+    with ThreadPoolExecutor(lanes) as running:
+        sampled = []
+        for start in range(0, len(loads), width):
+            batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket)
+                     for i in range(start, min(start + width, len(loads)))]
+            _same_global_sites([head] + batch)
+            sampled.append(running.submit(sample, batch))
+        return [written for batch in sampled for written in batch.result()]
 
 
 def _sample_one_by_one(spec: FitSpec, model: Model, settings, loads: list[Future], io) -> list[Future]:

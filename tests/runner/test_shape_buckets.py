@@ -132,8 +132,14 @@ def draws_of(root, k):
 
 def test_shards_sampled_together_equal_shards_sampled_alone(tmp_path, three_shards):
     """One vectorised program over three padded shards gives each shard the draws it gets alone
-    (same bucket, same seed), trimmed back to its own groups."""
-    spec, stats, sizes, data = three_shards
+    (same bucket, same seed), trimmed back to its own groups.
+
+    A few transitions only: the batched program rounds differently from the single one, and NUTS
+    amplifies a last-bit difference into another (equally valid) chain within ~30 transitions.
+    Mixing up shards' data or seeds would differ from the first draw.
+    """
+    _, stats, sizes, data = three_shards
+    spec = parse({**FIT, "spec": {**FIT["spec"], "sampler": {"warmup": 8, "samples": 8, "chains": 2, "seed": 5}}})
     uri = lambda k: data.replace("{shard}", str(k))  # noqa: E731
     together, alone = str(tmp_path / "together"), str(tmp_path / "alone")
     summary = sample_shards(spec, [0, 1, 2], uri, stats, together, sizes, vectorize=3)
@@ -144,7 +150,7 @@ def test_shards_sampled_together_equal_shards_sampled_alone(tmp_path, three_shar
         assert a.constrained["1|g"].shape[2:] == (sizes[k]["groups"],)
         assert len(a.metadata["groups"]) == sizes[k]["groups"]
         for name in a.constrained:
-            np.testing.assert_allclose(a.constrained[name], b.constrained[name], rtol=1e-6, atol=1e-8)
+            np.testing.assert_allclose(a.constrained[name], b.constrained[name], rtol=1e-9, atol=1e-12)
         diagnostics = json.loads(open_store(together).read_bytes(f"shards/{k}/diagnostics.json"))
         assert diagnostics["padded"] == {"rows": bucket_size(47), "groups": bucket_size(8)}
         assert diagnostics["rows"] == sizes[k]["rows"] and diagnostics["gradient_evaluations"] > 0
