@@ -22,10 +22,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax, random
+from jax import export, lax, random
 from jax.flatten_util import ravel_pytree
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import initialize_model
+
+from .compilation import load_programs, program_key, store_programs
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Samples:
     num_steps: np.ndarray  # (chains, draws) leapfrog steps per draw
     step_size: np.ndarray  # (chains,) adapted step size
     seconds: dict[str, float]  # compile, warmup, sampling
+    programs: str = "traced"  # or "loaded": from the program store, without tracing
 
 
 def to_device(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -101,17 +104,117 @@ CHUNK = 250
 POSITION = "unconstrained"  # the one entry of the position NUTS moves: all latent sites, raveled
 
 
+def export_programs(
+    model: Callable, arrays: dict[str, Any], constants: dict[str, Any], settings: SamplerSettings, batch: int
+) -> list[export.Exported]:
+    """The init, step and constrain programs of `CompiledNuts`, traced once, as StableHLO.
+
+    Exported programs can be stored and loaded by another process (runner/compilation.py), which
+    then skips tracing NUTS, the part of compiling that XLA's cache does not keep. Their inputs
+    and outputs are arrays, lists and string-keyed dicts: NUTS's state crosses as its list of
+    leaves (its pytree has a tuple-keyed dict, which `jax.export` cannot serialise).
+    """
+    traced = {}  # what tracing `init` leaves for the others
+
+    def init(keys, data):
+        # NumPyro's `HMC.init` (same keys, same adaptation), on the unconstrained sites
+        # raveled into one vector: NUTS then moves, selects and stores one array per step
+        # instead of one per site, and on a CPU each of those is a kernel launch that costs
+        # more than the arithmetic. The vector sits in a one-entry dict so that the mass
+        # matrix is the one-block dict `MCMC` builds, and momenta use the same random numbers.
+        kwargs = {**data, **constants}
+        keys, init_keys = jnp.swapaxes(jax.vmap(random.split)(keys), 0, 1)
+        info = initialize_model(init_keys, model, model_kwargs=kwargs, dynamic_args=True)
+        z = info.param_info.z
+        unravel = ravel_pytree(jax.tree.map(lambda x: x[0], z))[1]
+
+        def flat_potential(**kwargs):
+            return lambda position: info.potential_fn(**kwargs)(unravel(position[POSITION]))
+
+        init_kernel, sample_kernel = hmc(potential_fn_gen=flat_potential, algo="NUTS")
+        position = {POSITION: jax.vmap(lambda z: ravel_pytree(z)[0])(z)}
+        state = jax.vmap(
+            lambda position, key: init_kernel(
+                position,
+                settings.warmup,
+                dense_mass=[],
+                target_accept_prob=settings.target_accept_prob,
+                max_tree_depth=settings.max_tree_depth,
+                model_kwargs=kwargs,
+                rng_key=key,
+            )
+        )(position, keys)
+        leaves, structure = jax.tree.flatten(state)
+        traced.update(
+            unravel=unravel,
+            postprocess=info.postprocess_fn,
+            sample=jax.vmap(sample_kernel, in_axes=(0, None, None)),  # chains vectorised
+            structure=structure,
+        )
+        return leaves
+
+    keys = random.split(random.PRNGKey(0), settings.chains)
+    init_program = export.export(jax.jit(init))(_shape(keys), _shape(arrays))
+    leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in init_program.out_avals]
+
+    def step(leaves, data, n):
+        """n ≤ CHUNK transitions of every chain of every shard: (leaves, draws, step sizes)."""
+
+        def advance(state, data):
+            return traced["sample"](state, (), {**data, **constants})
+
+        def transition(i, carry):
+            state, draws = carry
+            state = jax.vmap(advance)(state, data)
+            new = (state.z[POSITION], state.diverging, state.num_steps)
+            return state, jax.tree.map(lambda drawn, value: drawn.at[i].set(value), draws, new)
+
+        state = jax.tree.unflatten(traced["structure"], leaves)
+        empty = jax.tree.map(
+            lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype), (state.z[POSITION], state.diverging, state.num_steps)
+        )
+        state, draws = lax.fori_loop(0, n, transition, (state, empty))
+        return jax.tree.leaves(state), draws, state.adapt_state.step_size
+
+    step_program = export.export(jax.jit(step))(
+        _batched_shape(leaves, batch), _batched_shape(arrays, batch), jax.ShapeDtypeStruct((), jnp.int32)
+    )
+
+    def constrain(flat, data):
+        """Raveled draws (chains, draws, dims) -> (unconstrained sites, constrained sites)."""
+        z = jax.vmap(jax.vmap(traced["unravel"]))(flat)
+        return z, jax.vmap(jax.vmap(traced["postprocess"](**data, **constants)))(z)
+
+    position = jax.tree.unflatten(traced["structure"], leaves).z[POSITION]
+    draws = jax.ShapeDtypeStruct((settings.chains, settings.samples) + position.shape[1:], position.dtype)
+    constrain_program = export.export(jax.jit(constrain))(draws, _shape(arrays))
+    return [init_program, step_program, constrain_program]
+
+
+def _compiled(program: export.Exported):
+    """An exported program compiled for this device (XLA's persistent cache applies)."""
+    arguments, _ = jax.tree.unflatten(
+        program.in_tree, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in program.in_avals]
+    )
+    return jax.jit(program.call).lower(*arguments).compile()
+
+
 class CompiledNuts:
     """The programs that sample `batch` shards of one shape, compiled once.
 
-    Two programs: `init` (one shard: initial point, step size, adaptation state, for every chain)
-    and `step` (up to CHUNK NUTS transitions of every chain of every shard, vectorised, returning
-    the draws). NUTS adapts during the first `settings.warmup` transitions of a state, so the same
-    step program warms up and samples. Compiling both once and calling them for every shard
-    replaces what `MCMC.run` retraces and recompiles per shard.
+    Three programs (`export_programs`): `init` (one shard: initial point, step size, adaptation
+    state, for every chain), `step` (up to CHUNK NUTS transitions of every chain of every shard,
+    vectorised, returning the draws) and `constrain` (draws to the model's sites). NUTS adapts
+    during the first `settings.warmup` transitions of a state, so the same step program warms up
+    and samples. Compiling them once and calling them for every shard replaces what `MCMC.run`
+    retraces and recompiles per shard; `run` traces nothing, so threads may run batches at once
+    (NumPyro's handler stack, which tracing a model uses, is one global list).
 
     `example` is one shard's arguments: it fixes the shapes (and, for a model that needs its data
     as constants, the data themselves). `run` then samples any batch of shards of those shapes.
+    `identity` names the model for the program store (runner/compilation.py): programs of a model
+    with its data as arguments are kept there, and a later sampler with the same identity, shapes
+    and settings loads them instead of tracing.
     """
 
     def __init__(
@@ -121,6 +224,7 @@ class CompiledNuts:
         settings: SamplerSettings,
         batch: int = 1,
         data_as_arguments: bool = False,
+        identity: str | None = None,
     ):
         if batch > 1 and not data_as_arguments:
             raise ValueError("only a model that takes its data as arguments can sample shards in a batch")
@@ -128,73 +232,17 @@ class CompiledNuts:
         self.settings, self.batch = settings, batch
         self.data_as_arguments = data_as_arguments
         self.example = self._device(example)
-        arrays, self.constants = self._split(self.example)
-
-        def init(keys, data):
-            # NumPyro's `HMC.init` (same keys, same adaptation), on the unconstrained sites
-            # raveled into one vector: NUTS then moves, selects and stores one array per step
-            # instead of one per site, and on a CPU each of those is a kernel launch that costs
-            # more than the arithmetic. The vector sits in a one-entry dict so that the mass
-            # matrix is the one-block dict `MCMC` builds, and momenta use the same random numbers.
-            # Traced once; it also leaves the chain-vectorised kernel `step` uses on `self`.
-            kwargs = {**data, **self.constants}
-            keys, init_keys = jnp.swapaxes(jax.vmap(random.split)(keys), 0, 1)
-            info = initialize_model(init_keys, model, model_kwargs=kwargs, dynamic_args=True)
-            z = info.param_info.z
-            self.unravel = ravel_pytree(jax.tree.map(lambda x: x[0], z))[1]
-            self.postprocess = info.postprocess_fn
-
-            def flat_potential(**kwargs):
-                return lambda position: info.potential_fn(**kwargs)(self.unravel(position[POSITION]))
-
-            init_kernel, sample_kernel = hmc(potential_fn_gen=flat_potential, algo="NUTS")
-            self.sample_kernel = jax.vmap(sample_kernel, in_axes=(0, None, None))
-            position = {POSITION: jax.vmap(lambda z: ravel_pytree(z)[0])(z)}
-            return jax.vmap(
-                lambda position, key: init_kernel(
-                    position,
-                    settings.warmup,
-                    dense_mass=[],
-                    target_accept_prob=settings.target_accept_prob,
-                    max_tree_depth=settings.max_tree_depth,
-                    model_kwargs=kwargs,
-                    rng_key=key,
-                )
-            )(position, keys)
-
-        keys = random.split(random.PRNGKey(0), settings.chains)
-        lowered = jax.jit(init).lower(_shape(keys), _shape(arrays))
-        self.init_program, state = lowered.compile(), lowered.out_info
-
-        def advance(state, data):
-            return self.sample_kernel(state, (), {**data, **self.constants})
-
-        def step(state, data, n):
-            def transition(i, carry):
-                state, draws = carry
-                state = jax.vmap(advance)(state, data)
-                new = (state.z[POSITION], state.diverging, state.num_steps)
-                return state, jax.tree.map(lambda drawn, value: drawn.at[i].set(value), draws, new)
-
-            empty = jax.tree.map(
-                lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype),
-                (state.z[POSITION], state.diverging, state.num_steps),
-            )
-            return lax.fori_loop(0, n, transition, (state, empty))
-
-        shapes = (_batched_shape(state, batch), _batched_shape(arrays, batch), jax.ShapeDtypeStruct((), jnp.int32))
-        self.step_program = jax.jit(step).lower(*shapes).compile()
-
-        def constrain(flat, data):
-            """Raveled draws (chains, draws, dims) -> (unconstrained sites, constrained sites)."""
-            z = jax.vmap(jax.vmap(self.unravel))(flat)
-            return z, jax.vmap(jax.vmap(self.postprocess(**data, **self.constants)))(z)
-
-        position = state.z[POSITION]
-        draws = jax.ShapeDtypeStruct((settings.chains, settings.samples) + position.shape[1:], position.dtype)
-        # Compiled here too: `run` then traces nothing, so threads may run batches at once
-        # (NumPyro's handler stack, which tracing a model uses, is one global list).
-        self.constrain_program = jax.jit(constrain).lower(draws, _shape(arrays)).compile()
+        arrays, constants = self._split(self.example)
+        key = None
+        if identity is not None and data_as_arguments:
+            key = program_key(identity, repr(settings), str(batch), repr(_shape(arrays)))
+        programs = load_programs(key) if key else None
+        self.loaded_programs = programs is not None
+        if programs is None:
+            programs = export_programs(model, arrays, constants, settings, batch)
+            if key:
+                store_programs(key, programs)
+        self.init_program, self.step_program, self.constrain_program = (_compiled(p) for p in programs)
         self.compile_seconds = time.perf_counter() - started
         self._unclaimed_compile = threading.Lock()
 
@@ -217,9 +265,9 @@ class CompiledNuts:
         collected = []
         for done in range(0, total, CHUNK):
             n = min(CHUNK, total - done)
-            state, draws = self.step_program(state, data, np.int32(n))
+            state, draws, step_size = self.step_program(state, data, np.int32(n))
             collected.append(jax.tree.map(lambda x: x[:n], draws))
-        return state, jax.tree.map(lambda *parts: jnp.concatenate(parts), *collected)
+        return state, jax.tree.map(lambda *parts: jnp.concatenate(parts), *collected), step_size
 
     def run(self, arguments: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Samples]:
         """Warm up and sample shard i of `arguments` with seed i; one `Samples` per shard."""
@@ -239,9 +287,9 @@ class CompiledNuts:
         state, data_batch = _stack(states + states[:1] * padding), _stack(data + data[:1] * padding)
         initialised = time.perf_counter()
 
-        state, _ = jax.block_until_ready(self._transitions(state, data_batch, self.settings.warmup))
+        state, _, _ = jax.block_until_ready(self._transitions(state, data_batch, self.settings.warmup))
         warmed = time.perf_counter()
-        state, (z, diverging, num_steps) = jax.block_until_ready(
+        state, (z, diverging, num_steps), step_size = jax.block_until_ready(
             self._transitions(state, data_batch, self.settings.samples)
         )
         sampled = time.perf_counter()
@@ -262,8 +310,9 @@ class CompiledNuts:
                     constrained={name: np.asarray(value) for name, value in constrained.items()},
                     diverging=np.asarray(diverging[:, i]).T,
                     num_steps=np.asarray(num_steps[:, i]).T,
-                    step_size=np.asarray(state.adapt_state.step_size[i]),
+                    step_size=np.asarray(step_size[i]),
                     seconds=dict(seconds),
+                    programs="loaded" if self.loaded_programs else "traced",
                 )
             )
         return results

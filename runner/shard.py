@@ -174,6 +174,7 @@ def _write(spec: FitSpec, prepared: PreparedShard, samples: Samples, settings: S
         "gradient_evaluations": int(samples.num_steps.sum()),
         "step_size": [float(s) for s in samples.step_size],
         "seconds": {"load": prepared.seconds, **samples.seconds},
+        "programs": samples.programs,
     }
     loaded.store.write_bytes("draws.parquet", draws_bytes)
     # Write time covers serialising and storing the draws, the bulk of the output.
@@ -239,22 +240,25 @@ def sample_shards(
         with ThreadPoolExecutor(IO_THREADS) as io:
             loads = [io.submit(_load, model, spec, k, data_uri(k), store) for k, store in todo]
             if model.data_as_arguments and pad:
-                written = _sample_padded(spec, model, settings, loads, shard_sizes, width, lanes, io)
+                written = _sample_padded(spec, model, stats, settings, loads, shard_sizes, width, lanes, io)
             else:
-                written = _sample_one_by_one(spec, model, settings, loads, io)
+                written = _sample_one_by_one(spec, model, stats, settings, loads, io)
             summaries.update({summary["shard"]: summary for summary in (f.result() for f in written)})
     return pod_summary([summaries[k] for k in shards])
 
 
-def _sampler(spec: FitSpec, model: Model, settings, first: PreparedShard, batch: int) -> CompiledNuts:
+def _sampler(spec: FitSpec, model: Model, stats, settings, first: PreparedShard, batch: int) -> CompiledNuts:
     """The compiled sampler of `batch` shards shaped like `first`."""
     tempered = temper(model.fn, frozenset(first.global_sites.latent), 1.0 / spec.shards)
-    return CompiledNuts(tempered, first.arguments, settings, batch, model.data_as_arguments)
+    # What the model is, for the program store: the fit's spec, the statistics it was built
+    # from, and the global (tempered) sites.
+    identity = json.dumps([spec.fingerprint(), stats, first.global_sites.latent], sort_keys=True, default=str)
+    return CompiledNuts(tempered, first.arguments, settings, batch, model.data_as_arguments, identity)
 
 
 def _sample_padded(
-    spec: FitSpec, model: Model, settings: SamplerSettings, loads: list[Future], shard_sizes, width: int,
-    lanes: int, io,
+    spec: FitSpec, model: Model, stats, settings: SamplerSettings, loads: list[Future], shard_sizes,
+    width: int, lanes: int, io,
 ) -> list[Future]:
     """Every shard padded to one bucket; one program, compiled once, samples `width` shards a
     call, `lanes` calls at once.
@@ -270,7 +274,7 @@ def _sample_padded(
         loaded = [f.result() for f in loads]
         bucket = fit_bucket(None, max(s.data.rows for s in loaded), max(s.data.groups for s in loaded))
     head = _prepare(model, spec, first, bucket)
-    sampler = _sampler(spec, model, settings, head, width)
+    sampler = _sampler(spec, model, stats, settings, head, width)
 
     def sample(batch: list[PreparedShard]) -> list[Future]:
         results = sampler.run([p.arguments for p in batch], [p.seed for p in batch])
@@ -286,12 +290,12 @@ def _sample_padded(
         return [written for batch in sampled for written in batch.result()]
 
 
-def _sample_one_by_one(spec: FitSpec, model: Model, settings, loads: list[Future], io) -> list[Future]:
+def _sample_one_by_one(spec: FitSpec, model: Model, stats, settings, loads: list[Future], io) -> list[Future]:
     """Models with their data as constants: one program per shard; the next shard loads meanwhile."""
     written = []
     for future in loads:
         prepared = _prepare(model, spec, future.result(), None)
-        samples = _sampler(spec, model, settings, prepared, 1).run([prepared.arguments], [prepared.seed])[0]
+        samples = _sampler(spec, model, stats, settings, prepared, 1).run([prepared.arguments], [prepared.seed])[0]
         written.append(io.submit(_write, spec, prepared, samples, settings, None))
     return written
 

@@ -181,7 +181,8 @@ def test_a_pod_samples_its_slice_of_the_shards(tmp_path, three_shards, monkeypat
 
 
 def test_the_compilation_cache_compiles_a_bucket_once(tmp_path, three_shards):
-    """The second shard's process finds its programs in the cache and adds none."""
+    """The second shard's process finds its traced programs in the program store and XLA's
+    compiled ones in JAX's cache: it traces nothing and adds no entry to either."""
     spec, stats, sizes, data = three_shards
     manifest = {"stats": stats, "per_shard": sizes}
     out = tmp_path / "out"
@@ -199,12 +200,20 @@ def test_the_compilation_cache_compiles_a_bucket_once(tmp_path, three_shards):
         command = [sys.executable, "-m", "consensusfit.runner.cli", "--termination-log", os.devnull, "sample",
                    "--spec", str(tmp_path / "fit.json"), "--out", str(out), "--shard", str(shard)]
         subprocess.run(command, env=environment, check=True, capture_output=True)
-        return sorted(name for name in os.listdir(cache) if name.startswith(("jit_init-", "jit_step-")))
+        diagnostics = json.loads((out / "shards" / str(shard) / "diagnostics.json").read_text())
+        # XLA's entries of the sampler's programs (the cache keeps small eager operations too)
+        compiled = sorted(name for name in os.listdir(cache) if name.startswith("jit_call-"))
+        return diagnostics["programs"], compiled, sorted(os.listdir(cache / "programs"))
 
-    first = sample(0)
-    assert len(first) == 2  # the init and the step program
-    # shard 1 differs from shard 0 in rows and groups, not in bucket: it finds both programs
-    assert sample(1) == first
+    how, compiled, stored = sample(0)
+    assert how == "traced" and len(stored) == 1 and len(compiled) == 3  # init, step, constrain
+    # shard 1 differs from shard 0 in rows and groups, not in bucket: it finds every program
+    assert sample(1) == ("loaded", compiled, stored)
+    # a damaged entry is rebuilt, not trusted
+    (cache / "programs" / stored[0]).write_bytes(b"\0" * 12)
+    assert sample(2) == ("traced", compiled, stored)
+    assert len((cache / "programs" / stored[0]).read_bytes()) > 12
+
 
 
 def test_python_models_sample_their_shards_one_after_the_other(tmp_path):
