@@ -14,10 +14,11 @@ Baseline ("plain"): what the forum thread's user runs for every shard: a new
 `MCMC(NUTS(model), chain_method="vectorized")` and `mcmc.run(key, **data)` on the same tempered
 model and the same arguments, so it samples the same density; it compiles for every shard.
 Ours: the real sample step (`runner/shard.py:sample_shards`), one call per pod of shardsPerPod
-shards: shards padded to the fit's shape bucket, the programs compiled ahead of time and kept in a
-persistent compilation cache (empty at the start, so the first shard compiles; it is shared by the
-measurements after the baseline, as pods of one fit share it), shards of a pod vectorised on a GPU.
-Every number is wall-clock seconds on this machine; the ratios compare numbers taken in one run.
+shards: shards padded to the fit's shape bucket, the programs built ahead of time and kept in the
+compilation cache folder (program store and XLA's cache; empty at the start, so the first shard
+traces and compiles; shared by the measurements after the baseline, as pods of one fit share it),
+shards of a pod vectorised on a GPU and sampled one per lane (core) on a CPU.
+Times are wall-clock and CPU seconds on this machine; the ratios compare numbers taken in one run.
 """
 
 from __future__ import annotations

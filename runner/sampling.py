@@ -1,13 +1,14 @@
 """NUTS on one shard or on a batch of shards at once, with every phase timed.
 
-The sampler is two programs compiled ahead of time (`CompiledNuts`: init, and a step that both
-warms up and samples), so compilation is measured on its own instead of hiding inside warmup, and
-the programs are reused for every batch of the same shapes. Chains are vectorised (`vmap`), and so are shards: one
-program runs B shards × C chains, which is what fills a GPU when one shard is too small to.
+The sampler is NumPyro's NUTS as three programs built ahead of time (`CompiledNuts`: init, a step
+that both warms up and samples, and constrain), so compilation is measured on its own instead of
+hiding inside warmup, and the programs are reused for every batch of the same shapes. Chains are
+vectorised (`vmap`), and so are shards: one program runs B shards × C chains, which is what fills
+a GPU when one shard is too small to.
 
 When the model allows it (`data_as_arguments`), its data are arguments of the compiled program
 rather than constants baked into it, so shards of equal (padded) shapes share one compilation, in
-this process and, through the persistent cache, across processes. Python models that compute
+this process and, through the program store and XLA's persistent cache, across processes. Python models that compute
 shapes from their data (the thread's `len(np.unique(patient))`) need their data as constants: they
 compile per shard, one shard at a time.
 """
