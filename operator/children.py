@@ -43,6 +43,7 @@ _RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output"
 _SCRATCH = "/tmp"
 # Where `spec.runner.compilationCache` (a volume the sampling pods share) is mounted.
 _COMPILATION_CACHE = "/var/cache/consensusfit/jax"
+_CPU_LANES = "CONSENSUSFIT_CPU_LANES"  # runner/cores.py: shards a pod samples at once on a CPU
 
 
 def job_name(fit_name: str, step: str) -> str:
@@ -116,12 +117,19 @@ def _quantities(resources: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
 
 def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
     subcommand, options = _COMMAND[step]
-    if step == "sample" and shards_per_pod(fit) > 1:
+    packed = step == "sample" and shards_per_pod(fit) > 1
+    if packed:
         options = (*options, "--shards-per-pod", str(shards_per_pod(fit)))
     command = [
         "consensusfit-runner", subcommand, "--spec", runner_spec_json(fit), "--out", result_root(fit), *options,
     ]
     env, mounts = list(runner.get("env", [])), [{"name": "scratch", "mountPath": _SCRATCH}]
+    requests_cpu = "cpu" in runner.get("resources", {}).get("requests", {})
+    if packed and requests_cpu and not any(e.get("name") == _CPU_LANES for e in env):
+        # A pod of several shards samples one per core on a CPU; the cores it may use are its CPU
+        # request (rounded up), which, unlike a limit, the runner cannot see in its cgroup.
+        field = {"containerName": "runner", "resource": "requests.cpu", "divisor": "1"}
+        env.append({"name": _CPU_LANES, "valueFrom": {"resourceFieldRef": field}})
     if step in PER_SHARD_STEPS and runner.get("compilationCache"):
         env.append({"name": "CONSENSUSFIT_COMPILATION_CACHE", "value": _COMPILATION_CACHE})
         mounts.append({"name": "compilation-cache", "mountPath": _COMPILATION_CACHE})

@@ -251,3 +251,28 @@ def test_the_chart_lets_the_operator_own_its_jobs(installation):
         "the chart's RBAC must grant `update` on consensusfits/finalizers: the API server refuses "
         "the operator's Jobs otherwise (cannot set blockOwnerDeletion if an ownerReference refers "
         "to a resource you can't set finalizers on)")
+
+
+def test_the_api_server_accepts_a_packed_sample_job_with_its_lanes_from_the_cpu_request(cluster, installation):
+    """The Downward API field that tells a pod of several shards how many to sample at once
+    (its CPU request, in whole cores) is one the API server accepts: server-side dry runs of a
+    fit (for its defaults) and of its sample Job."""
+    from consensusfit.operator import children
+
+    def dry_run(manifest: dict) -> dict:
+        created = cluster.kubectl("create", "--dry-run=server", "-n", NAMESPACE, "-o", "json", "-f", "-",
+                                  input=json.dumps(manifest))
+        return json.loads(created.stdout)
+
+    fit = dry_run({
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ConsensusFit", "metadata": {"name": "lanes"},
+        "spec": {"data": {"uri": "s3://bucket/x/", "groupColumn": "g"}, "shards": 8,
+                 "model": {"formula": "y ~ 1 + (1 | g)"}, "output": {"uri": "s3://bucket/fits/"},
+                 "runner": {"shardsPerPod": 4, "resources": {"requests": {"cpu": "2", "memory": "1Gi"}}}},
+    })
+    fit["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"  # a dry run assigns none
+    job = children.job_manifest(fit, "sample", {}, "runner:1")
+    job["metadata"].pop("ownerReferences")  # the fit was not created: only the Job is checked
+    env = dry_run(job)["spec"]["template"]["spec"]["containers"][0]["env"]
+    lanes = next(e for e in env if e["name"] == "CONSENSUSFIT_CPU_LANES")
+    assert lanes["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"

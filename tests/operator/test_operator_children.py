@@ -156,3 +156,21 @@ def test_the_compilation_cache_volume_reaches_the_sampling_pods_only():
             assert env["CONSENSUSFIT_COMPILATION_CACHE"] == mounted["compilation-cache"]
         else:
             assert "compilation-cache" not in mounted and "CONSENSUSFIT_COMPILATION_CACHE" not in env
+
+
+def test_a_packed_sample_pod_samples_as_many_shards_at_once_as_it_requests_cores():
+    resources = {"requests": {"cpu": "1500m"}, "limits": {"memory": "4Gi"}}
+    fit = make_fit(shards=10, runner={"shardsPerPod": 4, "resources": resources})
+    lanes = {"name": "CONSENSUSFIT_CPU_LANES", "valueFrom": {"resourceFieldRef": {
+        "containerName": "runner", "resource": "requests.cpu", "divisor": "1"}}}
+    for step in children.STEPS:
+        container = children.job_manifest(fit, step, {}, "runner:1")["spec"]["template"]["spec"]["containers"][0]
+        assert container["name"] == "runner"
+        assert (lanes in container["env"]) == (step == "sample")
+    # one shard a pod, no CPU request, or the user's own setting: left alone
+    for runner in ({"shardsPerPod": 1, "resources": resources}, {"shardsPerPod": 4},
+                   {"shardsPerPod": 4, "resources": resources,
+                    "env": [{"name": "CONSENSUSFIT_CPU_LANES", "value": "3"}]}):
+        env = children.job_manifest(make_fit(shards=10, runner=runner), "sample", {}, "runner:1")[
+            "spec"]["template"]["spec"]["containers"][0]["env"]
+        assert lanes not in env
