@@ -9,9 +9,9 @@ never overwritten.
 Several shards in one process (`spec.runner.shardsPerPod`): a model that takes its data as
 arguments (formula models) pads every shard to the fit's shape bucket (runner/buckets.py), and one
 program, compiled once, samples them: all at once, vectorised, on an accelerator; one per core at
-a time, in threads, on a CPU (runner/cores.py). The padding is trimmed off the draws. Other models compile per shard. Either way
-shards are read in background threads while the first compiles, and each shard is written in the
-background while the next one samples.
+a time, in threads, on a CPU (runner/cores.py). The padding is trimmed off the draws. Other models
+compile per shard. Either way shards are read in background threads while the first compiles, and
+each shard is written in the background while the next one samples.
 """
 
 from __future__ import annotations
@@ -282,12 +282,16 @@ def _sample_padded(
 
     with ThreadPoolExecutor(lanes) as running:
         sampled = []
-        for start in range(0, len(loads), width):
-            batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket)
-                     for i in range(start, min(start + width, len(loads)))]
-            _same_global_sites([head] + batch)
-            sampled.append(running.submit(sample, batch))
-        return [written for batch in sampled for written in batch.result()]
+        try:
+            for start in range(0, len(loads), width):
+                batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket)
+                         for i in range(start, min(start + width, len(loads)))]
+                _same_global_sites([head] + batch)
+                sampled.append(running.submit(sample, batch))
+            return [written for batch in sampled for written in batch.result()]
+        except BaseException:
+            running.shutdown(cancel_futures=True)  # a failed shard fails the pod now, not after the rest
+            raise
 
 
 def _sample_one_by_one(spec: FitSpec, model: Model, stats, settings, loads: list[Future], io) -> list[Future]:

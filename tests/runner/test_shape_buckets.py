@@ -230,3 +230,20 @@ def test_python_models_sample_their_shards_one_after_the_other(tmp_path):
         diagnostics = json.loads(open_store(out).read_bytes(f"shards/{k}/diagnostics.json"))
         assert diagnostics["rows"] == rows and diagnostics["padded"] is None
         assert draws_of(out, k).constrained["a"].shape[2:] == (3,)
+
+
+def test_a_bad_shard_fails_a_packed_pod_at_once_and_names_itself(tmp_path, three_shards):
+    """Shards of a pod sampled in two lanes: a NaN in shard 1 fails the pod with a reason that
+    names the shard and the column, and leaves shard 1 without a marker."""
+    from consensusfit.runner.errors import BadInput
+
+    spec, stats, sizes, data = three_shards
+    path = tmp_path / "data" / "shard=1" / "part-0.parquet"
+    table = pq.read_table(path)
+    y = table["y"].to_numpy().copy()
+    y[3] = np.nan
+    pq.write_table(table.set_column(table.schema.get_field_index("y"), "y", pa.array(y)), path)
+    out = str(tmp_path / "out")
+    with pytest.raises(BadInput, match=r"shard 1 .*column y has 1 NaN"):
+        sample_shards(spec, [0, 1, 2], lambda k: data.replace("{shard}", str(k)), stats, out, sizes, lanes=2)
+    assert not open_store(out).child("shards/1").exists("_SUCCESS.json")
