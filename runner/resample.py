@@ -120,10 +120,11 @@ def resample_groups(
     inverse_mass = jnp.clip(jnp.var(flat_pool, axis=0), 1e-12, None)
     adapted_at = time.perf_counter()
 
-    # 2. T transitions per combined draw, vectorised over draws
+    # 2. T transitions per combined draw, vectorised over draws, on the raveled sites (as in
+    # runner/sampling.py: one array per NUTS operation instead of one per site)
     def potential_given(values):
         conditioned = handlers.condition(model, data=values)
-        return lambda z: potential_energy(conditioned, (), arguments, z)
+        return lambda x: potential_energy(conditioned, (), arguments, unravel(x))
 
     init_kernel, sample_kernel = hmc(potential_fn_gen=potential_given, algo="NUTS")
 
@@ -146,25 +147,23 @@ def resample_groups(
 
         state, accept = lax.scan(transition, state, None, length=transitions)
         constrained = constrain_fn(
-            handlers.condition(model, data=values), (), arguments, state.z, return_deterministic=True
+            handlers.condition(model, data=values), (), arguments, unravel(state.z), return_deterministic=True
         )
         return constrained, accept.mean()
 
     program = jax.jit(jax.vmap(one))
     keys = random.split(random.PRNGKey(settings.seed + 1), n)
-    starts = jax.tree.map(lambda v: v[np.arange(n) % len(flat_pool)], pool)
+    starts = flat_pool[np.arange(n) % len(flat_pool)]
     outputs, accepts = [], []
     for begin in range(0, n, batch):
         part = slice(begin, min(n, begin + batch))
         # pad the last batch to the batch size so the program compiles once
         index = np.arange(part.start, part.start + batch) % n
         values = {name: jnp.asarray(v[index]) for name, v in flat_theta.items()}
-        start = jax.tree.map(lambda v: v[index], starts)
-        result, accept = program(values, start, keys[index])
+        result, accept = program(values, starts[index], keys[index])
         size = part.stop - part.start
         outputs.append(jax.tree.map(lambda v: np.asarray(v)[:size], result))
         accepts.append(np.asarray(accept)[:size])
-    del unravel
     merged = {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
     latent_names = set(pool)
     shaped = {name: v.reshape((chains, draws) + v.shape[1:]) for name, v in merged.items() if name not in theta}
