@@ -43,12 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax, random
-from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from .sampling import SamplerSettings, run_nuts
+from .sampling import SamplerSettings, ravel_batch, run_nuts
 
 TRANSITIONS = 20  # T: NUTS transitions per combined draw
 POOL = 200  # draws from p(α | θ*, y) kept from the adaptation run
@@ -115,8 +114,7 @@ def resample_groups(
     adapted = run_nuts(handlers.condition(model, data=centre), arguments, pool_settings)
     pool = {name: value[0] for name, value in adapted.unconstrained.items()}  # (POOL, ...)
     step_size = float(adapted.step_size[0])
-    _, unravel = ravel_pytree({name: value[0] for name, value in pool.items()})
-    flat_pool = jax.vmap(lambda z: ravel_pytree(z)[0])(pool)
+    flat_pool, unravel = ravel_batch(pool)
     inverse_mass = jnp.clip(jnp.var(flat_pool, axis=0), 1e-12, None)
     adapted_at = time.perf_counter()
 

@@ -8,9 +8,9 @@ a GPU when one shard is too small to.
 
 When the model allows it (`data_as_arguments`), its data are arguments of the compiled program
 rather than constants baked into it, so shards of equal (padded) shapes share one compilation, in
-this process and, through the program store and XLA's persistent cache, across processes. Python models that compute
-shapes from their data (the thread's `len(np.unique(patient))`) need their data as constants: they
-compile per shard, one shard at a time.
+this process and, through the program store and XLA's persistent cache, across processes. Python
+models that compute shapes from their data (the thread's `len(np.unique(patient))`) need their
+data as constants: they compile per shard, one shard at a time.
 """
 
 from __future__ import annotations
@@ -105,6 +105,12 @@ CHUNK = 250
 POSITION = "unconstrained"  # the one entry of the position NUTS moves: all latent sites, raveled
 
 
+def ravel_batch(sites: dict[str, Any]) -> tuple[jax.Array, Callable]:
+    """Sites with a leading batch axis -> (batch, dims) vectors, and the unravel of one vector."""
+    unravel = ravel_pytree(jax.tree.map(lambda x: x[0], sites))[1]
+    return jax.vmap(lambda one: ravel_pytree(one)[0])(sites), unravel
+
+
 def export_programs(
     model: Callable, arrays: dict[str, Any], constants: dict[str, Any], settings: SamplerSettings, batch: int
 ) -> list[export.Exported]:
@@ -126,14 +132,13 @@ def export_programs(
         kwargs = {**data, **constants}
         keys, init_keys = jnp.swapaxes(jax.vmap(random.split)(keys), 0, 1)
         info = initialize_model(init_keys, model, model_kwargs=kwargs, dynamic_args=True)
-        z = info.param_info.z
-        unravel = ravel_pytree(jax.tree.map(lambda x: x[0], z))[1]
+        flat, unravel = ravel_batch(info.param_info.z)
 
         def flat_potential(**kwargs):
             return lambda position: info.potential_fn(**kwargs)(unravel(position[POSITION]))
 
         init_kernel, sample_kernel = hmc(potential_fn_gen=flat_potential, algo="NUTS")
-        position = {POSITION: jax.vmap(lambda z: ravel_pytree(z)[0])(z)}
+        position = {POSITION: flat}
         state = jax.vmap(
             lambda position, key: init_kernel(
                 position,

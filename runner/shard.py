@@ -242,17 +242,16 @@ def sample_shards(
             if model.data_as_arguments and pad:
                 written = _sample_padded(spec, model, stats, settings, loads, shard_sizes, width, lanes, io)
             else:
-                written = _sample_one_by_one(spec, model, stats, settings, loads, io)
+                written = _sample_one_by_one(spec, model, settings, loads, io)
             summaries.update({summary["shard"]: summary for summary in (f.result() for f in written)})
     return pod_summary([summaries[k] for k in shards])
 
 
-def _sampler(spec: FitSpec, model: Model, stats, settings, first: PreparedShard, batch: int) -> CompiledNuts:
-    """The compiled sampler of `batch` shards shaped like `first`."""
+def _sampler(
+    spec: FitSpec, model: Model, settings, first: PreparedShard, batch: int, identity: str | None = None
+) -> CompiledNuts:
+    """The compiled sampler of `batch` shards shaped like `first`; `identity`: see CompiledNuts."""
     tempered = temper(model.fn, frozenset(first.global_sites.latent), 1.0 / spec.shards)
-    # What the model is, for the program store: the fit's spec, the statistics it was built
-    # from, and the global (tempered) sites.
-    identity = json.dumps([spec.fingerprint(), stats, first.global_sites.latent], sort_keys=True, default=str)
     return CompiledNuts(tempered, first.arguments, settings, batch, model.data_as_arguments, identity)
 
 
@@ -274,7 +273,10 @@ def _sample_padded(
         loaded = [f.result() for f in loads]
         bucket = fit_bucket(None, max(s.data.rows for s in loaded), max(s.data.groups for s in loaded))
     head = _prepare(model, spec, first, bucket)
-    sampler = _sampler(spec, model, stats, settings, head, width)
+    # What the model is, for the program store: the fit's spec, the statistics it was built
+    # from, and the global (tempered) sites.
+    identity = json.dumps([spec.fingerprint(), stats, head.global_sites.latent], sort_keys=True, default=str)
+    sampler = _sampler(spec, model, settings, head, width, identity)
 
     def sample(batch: list[PreparedShard]) -> list[Future]:
         results = sampler.run([p.arguments for p in batch], [p.seed for p in batch])
@@ -294,12 +296,12 @@ def _sample_padded(
             raise
 
 
-def _sample_one_by_one(spec: FitSpec, model: Model, stats, settings, loads: list[Future], io) -> list[Future]:
+def _sample_one_by_one(spec: FitSpec, model: Model, settings, loads: list[Future], io) -> list[Future]:
     """Models with their data as constants: one program per shard; the next shard loads meanwhile."""
     written = []
     for future in loads:
         prepared = _prepare(model, spec, future.result(), None)
-        samples = _sampler(spec, model, stats, settings, prepared, 1).run([prepared.arguments], [prepared.seed])[0]
+        samples = _sampler(spec, model, settings, prepared, 1).run([prepared.arguments], [prepared.seed])[0]
         written.append(io.submit(_write, spec, prepared, samples, settings, None))
     return written
 
