@@ -15,13 +15,12 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from . import contract
+from .contract import POD_COMMANDS, TERMINATION_LIMIT, TERMINATION_LOG
 from .cores import available_cores
 from .errors import BadInput, TransientError
 from .spec import load, pod_shards
 
-TERMINATION_LOG = "/dev/termination-log"
-TERMINATION_LIMIT = 4096
-POD_STEPS = ("partition", "sample", "combine", "resample")
 
 
 def configure_jax() -> None:
@@ -35,9 +34,9 @@ def configure_jax() -> None:
 
     use_compilation_cache()
 
-    choice = os.environ.get("CONSENSUSFIT_PRECISION", "auto")
-    if choice not in ("auto", "float32", "float64"):
-        raise BadInput(f"CONSENSUSFIT_PRECISION must be auto, float32 or float64, not {choice!r}")
+    choice = os.environ.get(contract.PRECISION, "auto")
+    if choice not in contract.PRECISIONS:
+        raise BadInput(f"{contract.PRECISION} must be auto, float32 or float64, not {choice!r}")
     if choice == "auto":
         choice = "float64" if jax.default_backend() == "cpu" else "float32"
     jax.config.update("jax_enable_x64", choice == "float64")
@@ -117,7 +116,7 @@ def command_combine(args) -> dict:
 
 def shard_index(given: str | None) -> int:
     """`--shard`, else the Indexed Job's $JOB_COMPLETION_INDEX, as an integer."""
-    shard = given if given is not None else os.environ.get("JOB_COMPLETION_INDEX")
+    shard = given if given is not None else os.environ.get(contract.JOB_COMPLETION_INDEX)
     if shard is None:
         raise BadInput("no --shard given and JOB_COMPLETION_INDEX is not set")
     try:
@@ -289,14 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         reason = "BadInput" if isinstance(error, BadInput) else "Error"
         return _fail(args, reason, str(error), error.exit_code)
     except KeyboardInterrupt:
-        return _fail(args, "Error", "interrupted", 130)
+        return _fail(args, "Error", "interrupted", contract.EXIT_INTERRUPTED)
     except Exception as error:  # an unexpected failure: show where, then the one-line reason
         traceback.print_exc()
-        return _fail(args, "Error", f"{type(error).__name__}: {error}", 1)
+        return _fail(args, "Error", f"{type(error).__name__}: {error}", contract.EXIT_TRANSIENT)
     write_termination_message(args.termination_log, message)
-    if args.step in POD_STEPS:
+    if args.step in POD_COMMANDS:
         print(json.dumps(message, ensure_ascii=False))
-    return 0
+    return contract.EXIT_OK
 
 
 def _fail(args, reason: str, message: str, code: int) -> int:

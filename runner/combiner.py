@@ -40,6 +40,7 @@ import numpy as np
 
 from .agreement import agreement
 from .combine import combine
+from .contract import TERMINATION_LIMIT
 from .completion import SUCCESS, check_fingerprint, completed, mark_complete
 from .data import model_and_data, shard_data_uri, whole_data_stats
 from .diagnostics import ess_bulk, ess_tail
@@ -48,7 +49,6 @@ from .errors import BadInput
 from .spec import FitSpec
 from .storage import NotFound, Store, open_store
 
-TERMINATION_LIMIT = 4096
 WARN_RHAT = 1.01
 
 

@@ -23,7 +23,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-ENVIRONMENT = "CONSENSUSFIT_COMPILATION_CACHE"
+from .contract import COMPILATION_CACHE as ENVIRONMENT
 
 
 def local_default() -> str:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 # Set by the local pipeline, which runs several sample processes side by side.
-ENVIRONMENT = "CONSENSUSFIT_CPU_LANES"
+from .contract import CPU_LANES as ENVIRONMENT
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 

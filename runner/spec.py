@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .contract import deep_merge
 from .errors import BadInput
 
 COMBINE_METHODS = ("consensus", "gaussian", "swiss")
@@ -38,16 +39,6 @@ DEFAULTS: dict[str, Any] = {
 # part of this fit. Output location, pod settings and suspension do not change the answer. As in
 # the CRD (where these fields are immutable), a changed combine method is a new fit.
 FINGERPRINT_FIELDS = ("data", "shards", "model", "sampler", "combine")
-
-
-def _merge(defaults: dict, given: dict) -> dict:
-    merged = copy.deepcopy(defaults)
-    for key, value in given.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 @dataclass(frozen=True)
@@ -178,7 +169,7 @@ def parse(document: dict) -> FitSpec:
         metadata, body = {}, document
     if not isinstance(body, dict):
         raise BadInput("spec must be a mapping")
-    spec = _merge(DEFAULTS, body)
+    spec = deep_merge(DEFAULTS, body)
     check(spec)
     return FitSpec(
         raw=spec,
