@@ -13,37 +13,43 @@ limit on fit names allows for.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 from typing import Any
 
+from consensusfit.runner import contract
+from consensusfit.runner.contract import (
+    COMPILATION_CACHE,
+    COMPILATION_CACHE_MOUNT,
+    CPU_LANES,
+    NO_RETRY_EXIT_CODES,
+    RUNNER_CONTAINER,
+    TERMINATION_LOG,
+    deep_merge,
+)
+
 from . import labels
 
 GROUP, VERSION, KIND = "consensusfit.dev", "v1alpha1", "ConsensusFit"
-STEPS = ("partition", "sample", "globals", "resample", "combine")
-_SUFFIX = {"partition": "partition", "sample": "shards", "globals": "globals", "resample": "resample",
-           "combine": "combine"}
+# The steps in order: the value of the label `consensusfit.dev/step` on their Jobs and pods.
+PARTITION, SAMPLE, GLOBALS, RESAMPLE, COMBINE = "partition", "sample", "globals", "resample", "combine"
+STEPS = (PARTITION, SAMPLE, GLOBALS, RESAMPLE, COMBINE)
+_SUFFIX = {PARTITION: "partition", SAMPLE: "shards", GLOBALS: "globals", RESAMPLE: "resample", COMBINE: "combine"}
 # The runner command of each step (docs/contract.md), before `--spec` and `--out`, and after them.
 _COMMAND = {
-    "partition": ("partition", ()),
-    "sample": ("sample", ()),
-    "globals": ("combine", ("--stage", "globals")),
-    "resample": ("resample", ()),
-    "combine": ("combine", ("--stage", "finish")),
+    PARTITION: (contract.PARTITION, ()),
+    SAMPLE: (contract.SAMPLE, ()),
+    GLOBALS: (contract.COMBINE, ("--stage", contract.GLOBALS_STAGE)),
+    RESAMPLE: (contract.RESAMPLE, ()),
+    COMBINE: (contract.COMBINE, ("--stage", contract.FINISH_STAGE)),
 }
 # Steps with one pod per shard (Indexed Jobs; the runner takes the shard from the completion index).
-PER_SHARD_STEPS = ("sample", "resample")
-# The runner's exit codes that no retry can fix (docs/contract.md): usage error, bad input.
-NO_RETRY_EXIT_CODES = [2, 3]
+PER_SHARD_STEPS = tuple(step for step in STEPS if _COMMAND[step][0] in contract.PER_SHARD_COMMANDS)
 # The parts of the spec the runner reads; pod settings and suspension are not its business.
 _RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output")
 # The one writable folder of a runner pod (an emptyDir): its root filesystem is read-only, and the
 # runner image points HOME, TMPDIR and XDG_CACHE_HOME here.
 _SCRATCH = "/tmp"
-# Where `spec.runner.compilationCache` (a volume the sampling pods share) is mounted.
-_COMPILATION_CACHE = "/var/cache/consensusfit/jax"
-_CPU_LANES = "CONSENSUSFIT_CPU_LANES"  # runner/cores.py: shards a pod samples at once on a CPU
 
 
 def job_name(fit_name: str, step: str) -> str:
@@ -53,7 +59,7 @@ def job_name(fit_name: str, step: str) -> str:
 def steps(fit: Mapping[str, Any]) -> tuple[str, ...]:
     """The fit's steps in order: with `groupParameters: keep` there is nothing to re-sample."""
     keep = fit["spec"].get("combine", {}).get("groupParameters") == "keep"
-    return tuple(step for step in STEPS if not (keep and step == "resample"))
+    return tuple(step for step in STEPS if not (keep and step == RESAMPLE))
 
 
 def shards_per_pod(fit: Mapping[str, Any]) -> int:
@@ -63,7 +69,7 @@ def shards_per_pod(fit: Mapping[str, Any]) -> int:
 
 def pods(fit: Mapping[str, Any], step: str) -> int:
     """Pods (completion indexes) of a per-shard step: sample packs shardsPerPod shards per pod."""
-    per_pod = shards_per_pod(fit) if step == "sample" else 1
+    per_pod = shards_per_pod(fit) if step == SAMPLE else 1
     return -(-fit["spec"]["shards"] // per_pod)
 
 
@@ -86,17 +92,6 @@ def runner_spec_json(fit: Mapping[str, Any]) -> str:
     return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`override` over `base`, recursively for mappings (lists and scalars are replaced)."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def owner_reference(fit: Mapping[str, Any]) -> dict[str, Any]:
     """Makes the fit the Jobs' controller: deleting the fit deletes its Jobs (and their pods)."""
     metadata = fit["metadata"]
@@ -117,7 +112,7 @@ def _quantities(resources: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
 
 def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
     subcommand, options = _COMMAND[step]
-    packed = step == "sample" and shards_per_pod(fit) > 1
+    packed = step == SAMPLE and shards_per_pod(fit) > 1
     if packed:
         options = (*options, "--shards-per-pod", str(shards_per_pod(fit)))
     command = [
@@ -125,23 +120,23 @@ def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], ima
     ]
     env, mounts = list(runner.get("env", [])), [{"name": "scratch", "mountPath": _SCRATCH}]
     requests_cpu = "cpu" in runner.get("resources", {}).get("requests", {})
-    if packed and requests_cpu and not any(e.get("name") == _CPU_LANES for e in env):
+    if packed and requests_cpu and not any(e.get("name") == CPU_LANES for e in env):
         # A pod of several shards samples one per core on a CPU; the cores it may use are its CPU
         # request (rounded up), which, unlike a limit, the runner cannot see in its cgroup.
-        field = {"containerName": "runner", "resource": "requests.cpu", "divisor": "1"}
-        env.append({"name": _CPU_LANES, "valueFrom": {"resourceFieldRef": field}})
+        field = {"containerName": RUNNER_CONTAINER, "resource": "requests.cpu", "divisor": "1"}
+        env.append({"name": CPU_LANES, "valueFrom": {"resourceFieldRef": field}})
     if step in PER_SHARD_STEPS and runner.get("compilationCache"):
-        env.append({"name": "CONSENSUSFIT_COMPILATION_CACHE", "value": _COMPILATION_CACHE})
-        mounts.append({"name": "compilation-cache", "mountPath": _COMPILATION_CACHE})
+        env.append({"name": COMPILATION_CACHE, "value": COMPILATION_CACHE_MOUNT})
+        mounts.append({"name": "compilation-cache", "mountPath": COMPILATION_CACHE_MOUNT})
     container = {
-        "name": "runner",
+        "name": RUNNER_CONTAINER,
         "image": runner.get("image") or image,
         "command": command,
         "env": env,
         "resources": _quantities(runner.get("resources", {})),
         "volumeMounts": mounts,
         # The runner writes its JSON report here; if it dies first, the log tail stands in.
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -177,9 +172,9 @@ def _failure_policy(action: str) -> dict:
             {
                 "action": action,
                 "onExitCodes": {
-                    "containerName": "runner",
+                    "containerName": RUNNER_CONTAINER,
                     "operator": "In",
-                    "values": NO_RETRY_EXIT_CODES,
+                    "values": list(NO_RETRY_EXIT_CODES),
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

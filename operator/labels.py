@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 FIT = "consensusfit.dev/fit"  # the owning fit's name: how pods and Jobs are found again
-STEP = "consensusfit.dev/step"  # partition | sample | combine
+STEP = "consensusfit.dev/step"  # one of children.STEPS
 # On a Job this operator suspended because its fit was suspended. Only such Jobs are resumed by
 # the operator, so a Job that Kueue holds suspended is never released behind Kueue's back.
 SUSPENDED_BY_FIT = "consensusfit.dev/suspended-by-fit"

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from consensusfit.runner.contract import RUNNER_CONTAINER
+
 from . import labels
 
-RUNNER_CONTAINER = "runner"
 # Set by the Job controller on the pods of an Indexed Job.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
