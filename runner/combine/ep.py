@@ -1,0 +1,182 @@
+"""Expectation propagation over the global parameters: sites, cavities, tilted moments, updates.
+
+Shard k contributes the site f_k(u) = p(θ)^(1/K) L_k(θ), in the unconstrained space u of the
+global parameters (the space where the tempered shard densities multiply to the posterior, see
+runner/inference/tempering.py). EP approximates each site by a Gaussian factor g_k(u) ∝ exp(−½uᵀλ_k u + η_kᵀu)
+and the posterior by their product q = Π_k g_k, a Gaussian with precision Λ = Σ_k λ_k and shift
+η = Σ_k η_k (mean Λ⁻¹η). A round refits every site where the posterior lives:
+
+    cavity   P_k = Λ − λ_k,  P_k c_k = η − η_k        (q without site k)
+    tilted   p̃_k(u) ∝ f_k(u) · N(u; c_k, P_k⁻¹)       (site k exact, the rest Gaussian; NUTS)
+    update   λ_k* = Λ̃_k − P_k,  η_k* = Λ̃_k m̃_k − P_k c_k   (so that g_k·cavity has p̃_k's moments)
+    damping  λ_k ← (1−δ)λ_k + δλ_k*,  η_k ← (1−δ)η_k + δη_k*
+
+with (m̃_k, Λ̃_k⁻¹) the tilted mean and covariance (Vehtari, Gelman et al. 2020, "Expectation
+propagation as a way of life"; Xu et al. 2014). δ is shrunk until Λ and every cavity are positive
+definite (individual sites may be indefinite).
+
+Tilted moments from draws. NUTS gives, with every draw u_i, the gradient g_i = ∇_u log p̃_k(u_i, α_i)
+(group-level sites α held at their draw). Stein's identity, E[g] = 0 and E[g (u − m̃)ᵀ] = −I, gives
+estimators with far less Monte Carlo noise than the sample mean and covariance when the cavity
+holds most of the information (many shards):
+
+    mean         m̂ = ū − Cov(u, g) Cov(g)⁻¹ ḡ        (the intercept of regressing u on g: a
+                                                      zero-variance control variate, exact
+                                                      for any draws when p̃_k is Gaussian)
+    covariance   Σ̂ = P_k⁻¹ (I + Cov(s, u)),  s = g + P_k(u − c_k) = ∇_u log f_k
+
+The plain estimators' noise adds about √(K / ESS) posterior SDs to q's mean every round (each of
+the K sites carries a full posterior's precision times its tilted mean's error); these add about
+(λ_k/Λ)·√(K / ESS), i.e. √(1 / (K·ESS)). The plain ones (sample mean, debiased inverse sample
+covariance) remain the fallback when Σ̂ is not positive definite.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Sites(NamedTuple):
+    """The K Gaussian site approximations in natural parameters."""
+
+    precision: np.ndarray  # (K, d, d): λ_k
+    shift: np.ndarray  # (K, d): η_k
+
+
+class Gaussian(NamedTuple):
+    mean: np.ndarray  # (d,)
+    precision: np.ndarray  # (d, d)
+
+    @property
+    def cov(self) -> np.ndarray:
+        return np.linalg.inv(self.precision)
+
+    @property
+    def sd(self) -> np.ndarray:
+        return np.sqrt(np.diag(self.cov))
+
+
+class Moments(NamedTuple):
+    """A tilted distribution's mean and precision, estimated from draws."""
+
+    mean: np.ndarray
+    precision: np.ndarray
+    estimator: str  # "stein" | "sample"
+
+
+def is_positive_definite(matrix: np.ndarray) -> bool:
+    try:
+        np.linalg.cholesky(0.5 * (matrix + matrix.T))
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def symmetric(matrix: np.ndarray) -> np.ndarray:
+    return 0.5 * (matrix + np.swapaxes(matrix, -1, -2))
+
+
+def from_pilot(mean: np.ndarray, cov: np.ndarray, shards: int, widen: float) -> Sites:
+    """Every site equal to q₀^(1/K), with q₀ = N(mean, widen · cov) (a pilot's moments, widened)."""
+    precision = np.linalg.inv(widen * np.asarray(cov))
+    shift = precision @ mean
+    return Sites(np.repeat(precision[None] / shards, shards, 0), np.repeat(shift[None] / shards, shards, 0))
+
+
+def approximation(sites: Sites) -> Gaussian:
+    """q = Π_k g_k: precision Λ = Σ λ_k, mean Λ⁻¹ Σ η_k."""
+    precision = symmetric(sites.precision.sum(0))
+    return Gaussian(np.linalg.solve(precision, sites.shift.sum(0)), precision)
+
+
+def cavity(sites: Sites, k: int) -> Gaussian:
+    """q without site k: precision P_k = Λ − λ_k, mean c_k = P_k⁻¹(η − η_k)."""
+    precision = symmetric(sites.precision.sum(0) - sites.precision[k])
+    return Gaussian(np.linalg.solve(precision, sites.shift.sum(0) - sites.shift[k]), precision)
+
+
+def sample_moments(u: np.ndarray, ess: float) -> Moments:
+    """Sample mean, and inverse sample covariance debiased for `ess` draws in d dimensions.
+
+    For a Gaussian sample of n, E[S⁻¹] = (n − 1)/(n − d − 2) Σ⁻¹: the plain inverse overstates the
+    precision, and with it every site's, by d/n.
+    """
+    u = u.reshape(-1, u.shape[-1])
+    d = u.shape[-1]
+    factor = max(ess - d - 2, 1.0) / max(ess - 1, 1.0)
+    return Moments(u.mean(0), factor * np.linalg.inv(np.atleast_2d(np.cov(u.T))), "sample")
+
+
+def stein_moments(u: np.ndarray, gradient: np.ndarray, cavity_: Gaussian, ess: float) -> Moments:
+    """Tilted mean and precision from draws `u` and their gradients ∇_u log p̃ (module docstring).
+
+    Falls back to `sample_moments` when the Stein covariance is not positive definite (too few
+    draws for the site's non-Gaussianity).
+    """
+    u = u.reshape(-1, u.shape[-1])
+    g = gradient.reshape(u.shape)
+    d = u.shape[-1]
+    centred_u, centred_g = u - u.mean(0), g - g.mean(0)
+    g_cov = np.atleast_2d(centred_g.T @ centred_g) / len(u)
+    site_score = g + (u - cavity_.mean) @ cavity_.precision  # ∇ log f_k
+    cross = (site_score - site_score.mean(0)).T @ centred_u / len(u)
+    cov = symmetric(np.linalg.solve(cavity_.precision, np.eye(d) + cross))
+    if not (is_positive_definite(cov) and is_positive_definite(g_cov)):
+        return sample_moments(u, ess)
+    coefficient = np.linalg.solve(g_cov, centred_g.T @ centred_u / len(u))  # Cov(g)⁻¹ Cov(g, u)
+    mean = u.mean(0) - g.mean(0) @ coefficient
+    return Moments(mean, np.linalg.inv(cov), "stein")
+
+
+class Update(NamedTuple):
+    sites: Sites
+    damping: float  # the δ used (shrunk from the one asked for when needed; 0: no step kept)
+
+
+def update(sites: Sites, tilted: list[Moments], damping: float, shrink: float = 0.5, tries: int = 8) -> Update:
+    """One damped EP update of every site from its tilted moments under the current cavities.
+
+    δ is halved until the new Λ and every cavity are positive definite; after `tries` halvings the
+    sites stay as they were (δ = 0).
+    """
+    cavities = [cavity(sites, k) for k in range(len(tilted))]
+    target_precision = np.stack([m.precision - c.precision for m, c in zip(tilted, cavities)])
+    target_shift = np.stack(
+        [m.precision @ m.mean - c.precision @ c.mean for m, c in zip(tilted, cavities)]
+    )
+    delta = damping
+    for _ in range(tries):
+        candidate = Sites(
+            symmetric((1 - delta) * sites.precision + delta * target_precision),
+            (1 - delta) * sites.shift + delta * target_shift,
+        )
+        if valid(candidate):
+            return Update(candidate, delta)
+        delta *= shrink
+    return Update(sites, 0.0)
+
+
+def valid(sites: Sites) -> bool:
+    """Λ and every cavity Λ − λ_k positive definite."""
+    total = sites.precision.sum(0)
+    return is_positive_definite(total) and all(is_positive_definite(total - p) for p in sites.precision)
+
+
+class Change(NamedTuple):
+    mean: float  # max over components of |Δmean| / sd
+    sd: float  # max over components of |Δsd| / sd
+
+
+def change(before: Gaussian, after: Gaussian) -> Change:
+    sd_before, sd_after = before.sd, after.sd
+    return Change(
+        float(np.max(np.abs(after.mean - before.mean) / sd_after)),
+        float(np.max(np.abs(sd_after - sd_before) / sd_before)),
+    )
+
+
+def average(sites: list[Sites]) -> Sites:
+    """Mean of the natural parameters of several rounds' sites (less Monte Carlo noise)."""
+    return Sites(np.mean([s.precision for s in sites], 0), np.mean([s.shift for s in sites], 0))
