@@ -9,6 +9,12 @@ Phases: Pending -> Partitioning -> Sampling -> Combining -> Succeeded, or Failed
 Combining spans three Jobs (children.py): globals, resample (one pod per shard) and combine.
 Conditions: Partitioned, Sampled, GlobalsCombined, GroupsResampled (only for fits that re-sample
 their group-level parameters), Succeeded, Failed, Suspended.
+
+A pass applies named policies in order, as JobSet's reconcile does, each a small pure function of
+what is observed: `_suspension` (spec.suspend on the Jobs and the Suspended condition),
+`_deadline` (activeDeadlineSeconds), `_advance` (walk the steps, which are data: `sequence`),
+`_conclude` (the phase and its events), `_stop` (a failed fit's leftover Jobs) and `_ttl`
+(ttlSecondsAfterFinished).
 """
 
 from __future__ import annotations
@@ -24,16 +30,44 @@ from .conditions import find, is_true, set_condition, timestamp
 from .config import Config
 from .observe import JobView, PodView, parse_time
 
-STEP_PHASE = {"partition": "Partitioning", "sample": "Sampling", "globals": "Combining",
-              "resample": "Combining", "combine": "Combining"}
 RUNNING_PHASES = ("Pending", "Partitioning", "Sampling", "Combining")
 TERMINAL_PHASES = ("Succeeded", "Failed")
-_DONE_CONDITION = {"partition": "Partitioned", "sample": "Sampled", "globals": "GlobalsCombined",
-                   "resample": "GroupsResampled", "combine": "Succeeded"}
-_DONE_REASON = {"partition": "PartitionSucceeded", "sample": "ShardsSucceeded", "globals": "GlobalsSucceeded",
-                "resample": "ResampleSucceeded", "combine": "CombineSucceeded"}
-_FAIL_REASON = {"partition": "PartitionFailed", "sample": "ShardFailed", "globals": "CombineFailed",
-                "resample": "ResampleFailed", "combine": "CombineFailed"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a fit as the planner walks it: its Job, and what the Job's end means for the fit."""
+
+    name: str  # the step (children.STEPS): its Job's label, how `jobs` is keyed
+    phase: str  # the fit's phase while the step runs
+    condition: str  # set True when its Job completes, with `reason`
+    reason: str
+    failure: str  # the reason of the Failed condition when its Job fails
+    # The condition's message, formatted with its pod's report and spec.shards; None: the result's URI.
+    message: str | None = None
+
+
+_STEPS = {step.name: step for step in (
+    Step(children.PARTITION, "Partitioning", "Partitioned", "PartitionSucceeded", "PartitionFailed",
+         "partitioned {rows} rows in {groups} groups"),
+    Step(children.SAMPLE, "Sampling", "Sampled", "ShardsSucceeded", "ShardFailed", "{shards} shards sampled"),
+    Step(children.GLOBALS, "Combining", "GlobalsCombined", "GlobalsSucceeded", "CombineFailed",
+         "{draws} combined draws of the global parameters ({warnings} warnings)"),
+    Step(children.RESAMPLE, "Combining", "GroupsResampled", "ResampleSucceeded", "ResampleFailed",
+         "{shards} shards' group-level parameters re-sampled given the combined draws"),
+    Step(children.COMBINE, "Combining", "Succeeded", "CombineSucceeded", "CombineFailed"),
+)}
+
+
+def sequence(fit: Mapping[str, Any]) -> tuple[Step, ...]:
+    """The fit's steps in the order `_advance` walks them, derived from its spec alone.
+
+    The walk knows nothing of particular steps, so a step that repeats (one per round) is more
+    entries here, each with a Job name of its own.
+    """
+    return tuple(_STEPS[name] for name in children.steps(fit))
+
+
 # The status fields this operator owns; anything else there (another tool's) is left alone.
 STATUS_FIELDS = (
     "observedGeneration", "phase", "conditions", "shards", "resample", "startTime", "completionTime",
@@ -120,7 +154,7 @@ def diagnostics(pods: Sequence[PodView]) -> dict[str, Any] | None:
     reports: dict[int, dict] = {}
     for pod in sorted(pods, key=_finish_time):  # a later report of a shard wins
         report = pod.report or {}
-        if pod.step == "sample" and report.get("ok") and all(k in report for k in _DIAGNOSTIC_KEYS):
+        if pod.step == children.SAMPLE and report.get("ok") and all(k in report for k in _DIAGNOSTIC_KEYS):
             reports[pod.index if pod.index is not None else report.get("shard")] = report
     if not reports:
         return None
@@ -153,29 +187,20 @@ def _report_of(step: str, pods: Sequence[PodView]) -> dict:
     return next((p.report for p in pods if p.step == step and p.report and p.report.get("ok")), {})
 
 
-# A finished step's condition message, from its pod's report and the fit's shard count.
-_DONE_MESSAGE = {
-    "partition": "partitioned {rows} rows in {groups} groups",
-    "sample": "{shards} shards sampled",
-    "globals": "{draws} combined draws of the global parameters ({warnings} warnings)",
-    "resample": "{shards} shards' group-level parameters re-sampled given the combined draws",
-}
-
-
-def _done_message(step: str, fit: Mapping[str, Any], pods: Sequence[PodView]) -> str:
-    report = _report_of(step, pods)
-    if step in _DONE_MESSAGE:
+def _done_message(step: Step, fit: Mapping[str, Any], pods: Sequence[PodView]) -> str:
+    report = _report_of(step.name, pods)
+    if step.message is not None:
         try:
-            return _DONE_MESSAGE[step].format_map({**report, "shards": fit["spec"]["shards"]})
+            return step.message.format_map({**report, "shards": fit["spec"]["shards"]})
         except KeyError:  # its pod is gone (deleted, or the operator was down): no report to quote
-            return f"{step} Job complete"
+            return f"{step.name} Job complete"
     truncated = " (summary truncated)" if report.get("truncated") else ""
     return f"combined into {_result(fit, pods)['uri']}{truncated}"
 
 
 def _result(fit: Mapping[str, Any], pods: Sequence[PodView]) -> dict[str, Any]:
     """The combined result as the combine pod reported it; the URI alone if its report is gone."""
-    report = _report_of("combine", pods)
+    report = _report_of(children.COMBINE, pods)
     return {
         "uri": report.get("uri") or children.result_root(fit) + "combined/",
         "parameters": report.get("parameters") or {},
@@ -244,6 +269,151 @@ def _pod_events(finished: Sequence[PodView]) -> list[Event]:
     return events
 
 
+# -- the policies: each a pure function of what is observed, in the order `plan` applies them ------
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str  # of the Failed condition and its Warning event
+    message: str
+
+
+@dataclass(frozen=True)
+class Suspension:
+    """What `spec.suspend` asks in this pass: Job patches, the Suspended condition, and whether the
+    fit was just resumed (its deadline then counts again from now)."""
+
+    patches: tuple[tuple[str, dict], ...]
+    conditions: list[dict]
+    events: tuple[Event, ...] = ()
+    resumed: bool = False
+
+
+def _suspension(
+    spec: Mapping[str, Any], unfinished: Sequence[JobView], conditions: list[dict], now: datetime
+) -> Suspension:
+    """Ours to apply, and ours to lift only where we applied it (not Kueue's)."""
+    suspend = bool(spec.get("suspend"))
+    patches = tuple(
+        (job.name, _suspend_patch(suspend))
+        for job in unfinished
+        if (not job.suspended if suspend else job.suspended and job.suspended_by_fit)
+    )
+    if suspend == is_true(conditions, "Suspended"):
+        return Suspension(patches, conditions)
+    if suspend:
+        conditions = set_condition(conditions, "Suspended", True, "Suspended",
+                                   "spec.suspend is true: Jobs suspended, none created", now)
+        return Suspension(patches, conditions, (Event("Normal", "Suspended", "fit suspended"),))
+    if find(conditions, "Suspended") is None:  # never suspended: nothing to resume
+        return Suspension(patches, conditions)
+    conditions = set_condition(conditions, "Suspended", False, "Resumed", "spec.suspend is false", now)
+    return Suspension(patches, conditions, (Event("Normal", "Resumed", "fit resumed"),), resumed=True)
+
+
+def _deadline(spec: Mapping[str, Any], start: datetime | None, now: datetime) -> Failure | None:
+    """activeDeadlineSeconds, counted from startTime, and not while the fit is suspended."""
+    deadline = spec.get("activeDeadlineSeconds")
+    if deadline is None or start is None or spec.get("suspend") or (now - start).total_seconds() <= deadline:
+        return None
+    return Failure("DeadlineExceeded", f"the fit ran longer than activeDeadlineSeconds={deadline}")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far the fit's steps got in this pass."""
+
+    reached: str  # the phase reached (never before the fit's phase)
+    conditions: list[dict]  # with the completed steps' conditions set
+    at: Step | None = None  # the step the walk stopped at: missing, running or failed
+    create: bool = False  # `at`'s Job is missing and is to be created
+    failure: Failure | None = None
+    done: bool = False  # every step's Job completed
+
+
+def _advance(
+    fit: Mapping[str, Any],
+    steps: Sequence[Step],
+    jobs: Mapping[str, JobView],
+    pods: Sequence[PodView],
+    phase: str,
+    conditions: list[dict],
+    now: datetime,
+) -> Progress:
+    """Walk `steps` in order: a completed step sets its condition; the walk stops at the first step
+    whose Job is missing (to be created, unless the fit is suspended), running, or failed."""
+    suspended = bool(fit["spec"].get("suspend"))
+
+    def never_back(reached: str) -> str:
+        """A Job deleted by hand is recreated without rewinding the phase."""
+        return max(reached, phase, key=RUNNING_PHASES.index)
+
+    for step in steps:
+        job = jobs.get(step.name)
+        if job is None:
+            # A suspended fit that has not started yet is still Pending.
+            reached = step.phase if (jobs or not suspended) else "Pending"
+            return Progress(never_back(reached), conditions, step, create=not suspended)
+        if job.outcome == "Failed":
+            failure = Failure(step.failure, _failure_message(job, pods))
+            return Progress(never_back(step.phase), conditions, step, failure=failure)
+        if job.outcome is None:
+            return Progress(never_back(step.phase), conditions, step)
+        conditions = set_condition(conditions, step.condition, True, step.reason,
+                                   _done_message(step, fit, pods), now)
+    return Progress(never_back(steps[-1].phase), conditions, done=True)
+
+
+@dataclass(frozen=True)
+class Conclusion:
+    phase: str  # the phase after this pass
+    conditions: list[dict]
+    events: tuple[Event, ...] = ()
+
+
+def _conclude(fit_name: str, phase: str, progress: Progress, now: datetime) -> Conclusion:
+    """Failed on a failure, Succeeded once every step completed, else the phase reached."""
+    if progress.failure is not None:
+        reason, message = progress.failure.reason, progress.failure.message
+        conditions = set_condition(progress.conditions, "Failed", True, reason, message, now)
+        return Conclusion("Failed", conditions, (Event("Warning", reason, message),))
+    if progress.done:
+        succeeded = find(progress.conditions, "Succeeded")["message"]
+        return Conclusion("Succeeded", progress.conditions, (Event("Normal", "Succeeded", succeeded),))
+    if progress.reached == phase:
+        return Conclusion(phase, progress.conditions)
+    job = children.job_name(fit_name, progress.at.name)
+    return Conclusion(progress.reached, progress.conditions,
+                      (Event("Normal", progress.reached, f"{progress.reached}: Job {job}"),))
+
+
+def _ttl(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime) -> bool:
+    """Whether a finished fit is past its ttlSecondsAfterFinished, and so to be deleted."""
+    ttl = spec.get("ttlSecondsAfterFinished")
+    completed = parse_time(status.get("completionTime"))
+    return ttl is not None and completed is not None and (now - completed).total_seconds() >= ttl
+
+
+def _stop(unfinished: Sequence[JobView]) -> tuple[tuple[str, dict], ...]:
+    """A failed fit stops what still runs (keeping the Jobs and their pods' messages for inspection)."""
+    return tuple((job.name, _suspend_patch(True)) for job in unfinished if not job.suspended)
+
+
+def _observed(
+    fit: Mapping[str, Any], steps: Sequence[Step], jobs: Mapping[str, JobView], pods: Sequence[PodView],
+    old: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The status fields recomputed from the Jobs and pods in every pass, whatever the phase."""
+    spec = fit["spec"]
+    resampled = any(step.name == children.RESAMPLE for step in steps)
+    return {
+        "observedGeneration": fit["metadata"].get("generation"),
+        "shards": shard_counts(spec["shards"], jobs.get(children.SAMPLE), children.shards_per_pod(fit)),
+        "resample": shard_counts(spec["shards"], jobs.get(children.RESAMPLE)) if resampled else None,
+        "diagnostics": diagnostics(pods) or old.get("diagnostics"),
+    }
+
+
 def plan(
     fit: Mapping[str, Any],
     jobs: Mapping[str, JobView],
@@ -252,110 +422,57 @@ def plan(
     config: Config,
     seen: Ledger = Ledger(),
 ) -> Plan:
-    """Decide what to do for one fit. `jobs` maps a step to its Job; `pods` are the fit's pods."""
-    metadata, spec = fit["metadata"], fit["spec"]
+    """Decide what to do for one fit. `jobs` maps a step to its Job; `pods` are the fit's pods.
+
+    As JobSet's reconcile does, a pass applies named policies in order: a finished fit only
+    expires (`_ttl`); a running one applies spec.suspend (`_suspension`), checks its deadline
+    (`_deadline`), walks its steps (`_advance`) and settles its phase (`_conclude`); a failed fit
+    stops what still runs (`_stop`).
+    """
+    spec = fit["spec"]
     old = {key: value for key, value in (fit.get("status") or {}).items() if key in STATUS_FIELDS}
-    status: dict[str, Any] = copy.deepcopy(old)
-    status["observedGeneration"] = metadata.get("generation")
-    steps = children.steps(fit)
-    status["shards"] = shard_counts(spec["shards"], jobs.get("sample"), children.shards_per_pod(fit))
-    status["resample"] = shard_counts(spec["shards"], jobs.get("resample")) if "resample" in steps else None
-    status["diagnostics"] = diagnostics(pods) or old.get("diagnostics")
-    conditions = status.get("conditions", [])
     phase = old.get("phase", "Pending")
-    started, finished, ledger = _pod_news(pods, seen)
-    events = _pod_events(finished)
-    create: list[dict] = []
-    patches: list[tuple[str, dict]] = []
+    steps = sequence(fit)
+    status = {**copy.deepcopy(old), **_observed(fit, steps, jobs, pods, old)}
     unfinished = [job for job in jobs.values() if job.outcome is None]
+    started, finished, ledger = _pod_news(pods, seen)
+    events, create, patches = _pod_events(finished), [], ()
 
     if phase in TERMINAL_PHASES:
-        new_phase, reached = phase, phase
-        ttl = spec.get("ttlSecondsAfterFinished")
-        completed = parse_time(status.get("completionTime"))
-        delete_fit = ttl is not None and completed is not None and (now - completed).total_seconds() >= ttl
+        outcome, reached = Conclusion(phase, status.get("conditions", [])), phase
     else:
-        delete_fit = False
-        suspended = bool(spec.get("suspend"))
-        # Suspension: ours to apply, and ours to lift only where we applied it (not Kueue's).
-        for job in unfinished:
-            if suspended and not job.suspended:
-                patches.append((job.name, _suspend_patch(True)))
-            elif not suspended and job.suspended and job.suspended_by_fit:
-                patches.append((job.name, _suspend_patch(False)))
-        if suspended != is_true(conditions, "Suspended"):
-            if suspended:
-                conditions = set_condition(conditions, "Suspended", True, "Suspended",
-                                           "spec.suspend is true: Jobs suspended, none created", now)
-                events.append(Event("Normal", "Suspended", "fit suspended"))
-            elif find(conditions, "Suspended"):
-                conditions = set_condition(conditions, "Suspended", False, "Resumed",
-                                           "spec.suspend is false", now)
-                events.append(Event("Normal", "Resumed", "fit resumed"))
-                # As a Job does: the active deadline counts again from the resumption.
-                if status.get("startTime"):
-                    status["startTime"] = timestamp(now)
-
-        failure: tuple[str, str] | None = None
-        deadline = spec.get("activeDeadlineSeconds")
-        start = parse_time(status.get("startTime"))
-        reached, succeeded, current = phase, False, None
-        if deadline is not None and start is not None and not suspended and (now - start).total_seconds() > deadline:
-            failure = ("DeadlineExceeded", f"the fit ran longer than activeDeadlineSeconds={deadline}")
-        else:
-            for step in steps:
-                current = step
-                job = jobs.get(step)
-                if job is None:
-                    if not suspended:
-                        create.append(children.job_manifest(fit, step, config.runner_defaults, config.runner_image))
-                        status.setdefault("startTime", timestamp(now))
-                    # A suspended fit that has not started yet is still Pending.
-                    reached = STEP_PHASE[step] if (jobs or not suspended) else "Pending"
-                    break
-                reached = STEP_PHASE[step]
-                if job.outcome == "Failed":
-                    failure = (_FAIL_REASON[step], _failure_message(job, pods))
-                    break
-                if job.outcome is None:
-                    break
-                conditions = set_condition(conditions, _DONE_CONDITION[step], True,
-                                           _DONE_REASON[step], _done_message(step, fit, pods), now)
-            else:
-                succeeded = True
-                status["result"] = _result(fit, pods)
-            # Never back: a Job deleted by hand is recreated without rewinding the phase.
-            reached = max(reached, phase, key=RUNNING_PHASES.index)
-
-        if failure is not None:
-            new_phase = "Failed"
-            conditions = set_condition(conditions, "Failed", True, failure[0], failure[1], now)
-            events.append(Event("Warning", failure[0], failure[1]))
-        elif succeeded:
-            new_phase = "Succeeded"
-            events.append(Event("Normal", "Succeeded", find(conditions, "Succeeded")["message"]))
-        else:
-            new_phase = reached
-            if new_phase != phase:
-                job = children.job_name(metadata["name"], current)
-                events.append(Event("Normal", new_phase, f"{new_phase}: Job {job}"))
-        if new_phase in TERMINAL_PHASES:
+        suspension = _suspension(spec, unfinished, status.get("conditions", []), now)
+        events += suspension.events
+        patches = suspension.patches
+        if suspension.resumed and status.get("startTime"):
+            status["startTime"] = timestamp(now)  # as a Job does: the deadline counts from the resumption
+        failure = _deadline(spec, parse_time(status.get("startTime")), now)
+        progress = (Progress(phase, suspension.conditions, failure=failure) if failure
+                    else _advance(fit, steps, jobs, pods, phase, suspension.conditions, now))
+        if progress.create:
+            create.append(children.job_manifest(fit, progress.at.name, config.runner_defaults, config.runner_image))
+            status.setdefault("startTime", timestamp(now))
+        outcome, reached = _conclude(fit["metadata"]["name"], phase, progress, now), progress.reached
+        events += outcome.events
+        if outcome.phase == "Succeeded":
+            status["result"] = _result(fit, pods)
+        if outcome.phase in TERMINAL_PHASES:
             status["completionTime"] = timestamp(now)
 
-    if new_phase == "Failed":
-        # Stop what still runs (keeping the Jobs and their pods' messages for inspection).
-        patches = [(job.name, _suspend_patch(True)) for job in unfinished if not job.suspended]
-    status["phase"] = new_phase
-    status["conditions"] = conditions
+    if outcome.phase == "Failed":
+        patches = _stop(unfinished)
+    status["phase"] = outcome.phase
+    status["conditions"] = outcome.conditions
     status = {key: value for key, value in status.items() if value is not None}
+    moved = outcome.phase != phase
     return Plan(
         create=tuple(create),
-        patch_jobs=tuple(patches),
-        delete_fit=delete_fit,
+        patch_jobs=patches,
+        delete_fit=phase in TERMINAL_PHASES and _ttl(spec, status, now),
         status=merge_patch(old, status),
         state=status,
         events=tuple(events),
-        exited=_exited(fit, status, phase, reached, new_phase in TERMINAL_PHASES, now) if new_phase != phase else (),
+        exited=_exited(fit, status, phase, reached, outcome.phase in TERMINAL_PHASES, now) if moved else (),
         started=tuple(started),
         finished=tuple(finished),
         seen=ledger,

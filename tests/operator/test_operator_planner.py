@@ -3,6 +3,7 @@ deletion and restart, as pure function calls on observed Jobs and pods."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import timedelta
 
@@ -466,3 +467,140 @@ def test_shard_counts_are_in_shards_when_pods_take_several():
     assert result.state["shards"] == {"total": 10, "active": 4, "succeeded": 6, "failed": 0}
     failed = planner.JobView(**{**sample.__dict__, "active": 0, "failed_indexes": (1,)})
     assert planner.shard_counts(10, failed, 4) == {"total": 10, "active": 0, "succeeded": 6, "failed": 4}
+
+
+# -- each policy alone ------------------------------------------------------------------------------------
+
+SUSPENDED = {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "",
+             "lastTransitionTime": "2026-01-01T00:02:00Z"}
+SUSPEND, RESUME = planner._suspend_patch(True), planner._suspend_patch(False)
+
+
+def test_suspension_suspends_only_running_jobs_and_says_so_once():
+    running, held = job("sample", active=3), job("resample", suspended=True)
+    first = planner._suspension({"suspend": True}, [running, held], [], NOW)
+    assert first.patches == (("fvc-shards", SUSPEND),)
+    assert [c["type"] for c in first.conditions] == ["Suspended"] and not first.resumed
+    assert [e.reason for e in first.events] == ["Suspended"]
+    again = planner._suspension({"suspend": True}, [running], first.conditions, NOW)
+    assert again.patches == (("fvc-shards", SUSPEND),) and again.events == ()
+    assert again.conditions is first.conditions
+
+
+def test_suspension_resumes_only_what_the_fit_suspended():
+    ours, kueues = job("sample", suspended=True, by_fit=True), job("resample", suspended=True, by_fit=False)
+    result = planner._suspension({"suspend": False}, [ours, kueues], [SUSPENDED], NOW)
+    assert result.patches == (("fvc-shards", RESUME),)
+    assert result.resumed and [e.reason for e in result.events] == ["Resumed"]
+    assert result.conditions[0]["status"] == "False" and result.conditions[0]["reason"] == "Resumed"
+
+
+def test_suspension_of_a_fit_never_suspended_is_nothing():
+    result = planner._suspension({"suspend": False}, [job("sample", active=1)], [], NOW)
+    assert result == planner.Suspension(patches=(), conditions=[])
+
+
+@pytest.mark.parametrize("spec, start, failed", [
+    ({}, T0, False),  # no deadline
+    ({"activeDeadlineSeconds": 60}, None, False),  # not started
+    ({"activeDeadlineSeconds": 600}, T0, False),  # exactly at the deadline: not past it
+    ({"activeDeadlineSeconds": 599}, T0, True),
+    ({"activeDeadlineSeconds": 60, "suspend": True}, T0, False),  # the clock stops while suspended
+])
+def test_deadline_counts_from_the_start_and_not_while_suspended(spec, start, failed):
+    failure = planner._deadline(spec, start, NOW)
+    assert (failure is not None) == failed
+    if failed:
+        assert failure == planner.Failure("DeadlineExceeded", "the fit ran longer than activeDeadlineSeconds=599")
+
+
+# Two made-up steps that repeat (as EP rounds would): the walk knows nothing of particular steps.
+ROUND_STEPS = tuple(
+    planner.Step(f"round-{r}", "Combining", "RoundDone", "RoundSucceeded", "RoundFailed", f"round {r}: {{shards}}")
+    for r in range(2))
+
+
+def round_job(r: int, *args, **kwargs) -> planner.JobView:
+    """A Job of a made-up round step (children names only the real steps' Jobs)."""
+    return dataclasses.replace(job("sample", *args, **kwargs), name=f"fvc-round-{r}", step=f"round-{r}")
+
+
+def test_advance_walks_any_sequence_of_steps_and_stops_at_the_running_one():
+    fit = make_fit()
+    jobs = {"round-0": round_job(0, "Complete"), "round-1": round_job(1, active=1)}
+    progress = planner._advance(fit, ROUND_STEPS, jobs, [], "Sampling", [], NOW)
+    assert progress.at == ROUND_STEPS[1] and not progress.create and not progress.done
+    assert progress.reached == "Combining" and progress.failure is None
+    assert [(c["type"], c["message"]) for c in progress.conditions] == [("RoundDone", "round 0: 3")]
+
+
+def test_advance_asks_for_the_first_missing_job_unless_suspended():
+    progress = planner._advance(make_fit(), ROUND_STEPS, {"round-0": round_job(0, "Complete")}, [],
+                                "Sampling", [], NOW)
+    assert progress.at == ROUND_STEPS[1] and progress.create
+    suspended = planner._advance(make_fit(suspend=True), ROUND_STEPS, {}, [], "Pending", [], NOW)
+    assert suspended.at == ROUND_STEPS[0] and not suspended.create
+    assert suspended.reached == "Pending"  # nothing started: a suspended fit is still Pending
+
+
+def test_advance_reports_a_failed_job_with_its_steps_reason():
+    jobs = {"round-0": round_job(0, "Failed", reason="BackoffLimitExceeded")}
+    progress = planner._advance(make_fit(), ROUND_STEPS, jobs, [], "Combining", [], NOW)
+    assert progress.at == ROUND_STEPS[0] and progress.failure.reason == "RoundFailed"
+    assert "BackoffLimitExceeded" in progress.failure.message and progress.conditions == []
+
+
+def test_advance_is_done_when_every_job_completed_and_never_goes_back():
+    jobs = {f"round-{r}": round_job(r, "Complete") for r in range(2)}
+    progress = planner._advance(make_fit(), ROUND_STEPS, jobs, [], "Combining", [], NOW)
+    assert progress.done and progress.at is None and progress.reached == "Combining"
+    rewound = planner._advance(make_fit(), planner.sequence(make_fit()), {}, [], "Combining", [], NOW)
+    assert rewound.at.name == "partition" and rewound.create and rewound.reached == "Combining"
+
+
+def test_conclude_fails_succeeds_or_moves_to_the_phase_reached():
+    step = planner.sequence(make_fit())[1]
+    failed = planner._conclude("fvc", "Sampling", planner.Progress(
+        "Sampling", [], step, failure=planner.Failure("ShardFailed", "shard 1 failed")), NOW)
+    assert failed.phase == "Failed" and [c["reason"] for c in failed.conditions] == ["ShardFailed"]
+    assert failed.events == (planner.Event("Warning", "ShardFailed", "shard 1 failed"),)
+    succeeded_condition = {"type": "Succeeded", "status": "True", "message": "combined into s3://x/"}
+    done = planner._conclude("fvc", "Combining", planner.Progress("Combining", [succeeded_condition], done=True), NOW)
+    assert done.phase == "Succeeded" and done.events == (planner.Event("Normal", "Succeeded", "combined into s3://x/"),)
+    moved = planner._conclude("fvc", "Partitioning", planner.Progress("Sampling", [], step, create=True), NOW)
+    assert moved.phase == "Sampling" and moved.events == (planner.Event("Normal", "Sampling", "Sampling: Job fvc-shards"),)
+    stayed = planner._conclude("fvc", "Sampling", planner.Progress("Sampling", [], step), NOW)
+    assert stayed == planner.Conclusion("Sampling", [])
+
+
+@pytest.mark.parametrize("spec, status, expired", [
+    ({"ttlSecondsAfterFinished": 300}, {"completionTime": "2026-01-01T00:05:00Z"}, True),  # exactly due
+    ({"ttlSecondsAfterFinished": 301}, {"completionTime": "2026-01-01T00:05:00Z"}, False),
+    ({}, {"completionTime": "2026-01-01T00:05:00Z"}, False),  # no TTL: kept forever
+    ({"ttlSecondsAfterFinished": 0}, {}, False),  # not finished
+])
+def test_ttl_expires_a_finished_fit_once_due(spec, status, expired):
+    assert planner._ttl(spec, status, NOW) is expired
+
+
+def test_stop_suspends_only_what_still_runs():
+    assert planner._stop([job("sample", active=2), job("resample", suspended=True)]) == (("fvc-shards", SUSPEND),)
+
+
+def test_observed_status_is_recomputed_from_the_jobs_and_pods():
+    fit = make_fit(combine={"method": "consensus", "groupParameters": "keep"})
+    old = {"diagnostics": {"rhatMax": 1.1}}
+    observed = planner._observed(fit, planner.sequence(fit), {"sample": job("sample", active=3)}, [], old)
+    assert observed == {"observedGeneration": 1, "shards": {"total": 3, "active": 3, "succeeded": 0, "failed": 0},
+                        "resample": None, "diagnostics": {"rhatMax": 1.1}}
+
+
+@pytest.mark.parametrize("group_parameters, names", [
+    ("resample", list(children.STEPS)),
+    ("keep", ["partition", "sample", "globals", "combine"]),
+])
+def test_sequence_is_the_fits_steps_as_data_in_phase_order(group_parameters, names):
+    steps = planner.sequence(make_fit(combine={"method": "consensus", "groupParameters": group_parameters}))
+    assert [step.name for step in steps] == names
+    order = [planner.RUNNING_PHASES.index(step.phase) for step in steps]
+    assert order == sorted(order) and steps[-1].condition == "Succeeded"
