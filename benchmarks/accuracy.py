@@ -4,8 +4,8 @@ The seed's model (examples/fvc_model.py: random intercept and slope per patient,
 OSIC-like synthetic data: ~176 patients and ~2,000 patients, 6–10 visits each, weeks −5..133,
 intercepts N(2800, 700), slopes N(−4, 5), noise 130. For each data set: a long NUTS run on all the
 data (the reference), then for K = 5, 20, 50 shards (by patient, balanced by rows) every shard is
-sampled by the real sample step (runner/shard.py: tempering, NUTS, draws table) and combined by
-every method with the real combine code (runner/combiner.py). Printed: per data set, method and K,
+sampled by the real sample step (runner/steps/sample.py: tempering, NUTS, draws table) and combined by
+every method with the real combine code (runner/py). Printed: per data set, method and K,
 the largest |mean error| over the global parameters in reference SDs, and the range of SD ratios
 (combined SD / reference SD); then every parameter's error.
 
@@ -38,13 +38,17 @@ import pyarrow.parquet as pq  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from consensusfit.runner import combiner  # noqa: E402
-from consensusfit.runner.combine import METHODS  # noqa: E402
-from consensusfit.runner.balance import assign_groups, key_hashes  # noqa: E402
-from consensusfit.runner.models import ShardData, python_model  # noqa: E402
-from consensusfit.runner.sampling import SamplerSettings, run_nuts  # noqa: E402
-from consensusfit.runner.shard import sample_shard  # noqa: E402
-from consensusfit.runner.simulate import osic_like  # noqa: E402
+from consensusfit.runner.combine.supports import bijections  # noqa: E402
+from consensusfit.runner.layout import FitLayout  # noqa: E402
+from consensusfit.runner.steps.combine import combined_globals, read_shard  # noqa: E402
+from consensusfit.runner.steps.inputs import shard_model  # noqa: E402
+from consensusfit.runner.combine.methods import METHODS  # noqa: E402
+from consensusfit.runner.data.balance import assign_groups, key_hashes  # noqa: E402
+from consensusfit.runner.data.shard import ShardData  # noqa: E402
+from consensusfit.runner.models.python import python_model  # noqa: E402
+from consensusfit.runner.inference.nuts import SamplerSettings, run_nuts  # noqa: E402
+from consensusfit.runner.steps.sample import sample_shard  # noqa: E402
+from consensusfit.runner.local.simulate import osic_like  # noqa: E402
 from consensusfit.runner.spec import parse  # noqa: E402
 
 MODEL = REPO / "examples" / "fvc_model.py"
@@ -78,7 +82,7 @@ def reference(name: str, table: pa.Table, settings: SamplerSettings) -> dict:
         p: {"mean": float(samples.constrained[p].mean()), "sd": float(samples.constrained[p].std(ddof=1))}
         for p in GLOBALS
     }
-    from consensusfit.runner.diagnostics import ess_bulk, rhat
+    from consensusfit.runner.inference.diagnostics import ess_bulk, rhat
 
     result["_diagnostics"] = {
         "seconds": time.perf_counter() - started,
@@ -145,15 +149,15 @@ def sample_all(name: str, table: pa.Table, shards: int, sampler: dict) -> tuple:
 
 def combine_all(spec, root: Path, method: str) -> dict:
     """Combined mean and SD of every global parameter, by the combiner's own code."""
-    store = combiner.open_store(str(root))
-    shards = [combiner.read_shard(store, spec, k) for k in range(spec.shards)]
+    fit = FitLayout(str(root))
+    shards = [read_shard(fit, spec, k) for k in range(spec.shards)]
     variant = parse({**spec.raw, "combine": {"method": method, "groupParameters": "keep"}})
 
     def transforms_of(layout):
-        model = combiner.shard_model(variant, str(root), 0, None, None)
-        return combiner.bijections(model, layout)
+        model = shard_model(variant, FitLayout(str(root)), 0, None, None)
+        return bijections(model.fn, model.arguments, layout)
 
-    _, _, constrained, _, _ = combiner.combined_globals(shards, variant, transforms_of)
+    _, _, constrained, _, _ = combined_globals(shards, variant, transforms_of)
     return {p: {"mean": float(constrained[p].mean()), "sd": float(constrained[p].std(ddof=1))} for p in GLOBALS}
 
 

@@ -42,11 +42,15 @@ from numpyro import handlers  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from consensusfit.runner import combiner  # noqa: E402
-from consensusfit.runner.combine import gaussian_product, moments  # noqa: E402
-from consensusfit.runner.sampling import SamplerSettings, run_nuts  # noqa: E402
-from consensusfit.runner.shard import shard_seed  # noqa: E402
-from consensusfit.runner.tempering import temper  # noqa: E402
+from consensusfit.runner.combine.packing import global_layout, pack, unpack  # noqa: E402
+from consensusfit.runner.combine.supports import bijections, constrain  # noqa: E402
+from consensusfit.runner.layout import FitLayout  # noqa: E402
+from consensusfit.runner.steps.combine import read_shard  # noqa: E402
+from consensusfit.runner.steps.inputs import shard_model  # noqa: E402
+from consensusfit.runner.combine.methods import gaussian_product, moments  # noqa: E402
+from consensusfit.runner.inference.nuts import SamplerSettings, run_nuts  # noqa: E402
+from consensusfit.runner.spec import shard_seed  # noqa: E402
+from consensusfit.runner.inference.tempering import temper  # noqa: E402
 
 from accuracy import GLOBALS, cached_run  # noqa: E402
 
@@ -66,17 +70,17 @@ def with_cavity(fn, names, transforms, mean, precision):
 
 def summarise(mean, cov, layout, transforms, rng, n=20000):
     draws = rng.multivariate_normal(mean, cov, size=(1, n))
-    constrained = combiner.constrain(combiner.unpack(draws, layout), transforms)
+    constrained = constrain(unpack(draws, layout), transforms)
     return {p: (float(constrained[p].mean()), float(constrained[p].std())) for p in GLOBALS}
 
 
 def main() -> int:
     args, root, reference, spec = cached_run(__doc__.splitlines()[0])
-    store = combiner.open_store(str(root))
-    shards = [combiner.read_shard(store, spec, k) for k in range(spec.shards)]
-    layout = combiner.global_layout(shards)
+    fit = FitLayout(str(root))
+    shards = [read_shard(fit, spec, k) for k in range(spec.shards)]
+    layout = global_layout(shards)
     names = list(layout)
-    packed = [combiner.pack(d, layout) for d in shards]
+    packed = [pack(d, layout) for d in shards]
     product = gaussian_product(packed)
     lam = np.sum(product.precisions, axis=0)
     eta = np.sum([w @ m.mean for w, m in zip(product.precisions, product.shards)], axis=0)
@@ -88,8 +92,8 @@ def main() -> int:
         if cache.exists():
             tilted.append(np.load(cache))
             continue
-        model = combiner.shard_model(spec, str(root), k, None, None)
-        transforms = combiner.bijections(model, layout)
+        model = shard_model(spec, FitLayout(str(root)), k, None, None)
+        transforms = bijections(model.fn, model.arguments, layout)
         w_k = product.precisions[k]
         cavity_precision = lam - w_k
         cavity_mean = np.linalg.solve(cavity_precision, eta - w_k @ product.shards[k].mean)
@@ -119,7 +123,8 @@ def main() -> int:
     average_cov = np.mean([s.cov for s in stats], axis=0)
     average_mean = np.mean([s.mean for s in stats], axis=0)
 
-    transforms = combiner.bijections(combiner.shard_model(spec, str(root), 0, None, None), layout)
+    model = shard_model(spec, FitLayout(str(root)), 0, None, None)
+    transforms = bijections(model.fn, model.arguments, layout)
     rng = np.random.default_rng(0)
     candidates = {
         "round 1 (gaussian product)": (product.mean, product.cov),

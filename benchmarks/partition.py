@@ -65,7 +65,7 @@ def generate(folder: Path, rows: int, files: int, seed: int = 0) -> None:
 
 def child(arguments: argparse.Namespace) -> None:
     """One partition worker (run in its own process so its peak RSS is measured alone)."""
-    from consensusfit.runner.partition import partition
+    from consensusfit.runner.steps.partition import partition
     from consensusfit.runner.spec import parse
 
     spec = parse({

@@ -39,11 +39,15 @@ from numpyro.primitives import Messenger  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from consensusfit.runner import combiner  # noqa: E402
-from consensusfit.runner.combine import METHODS, combine  # noqa: E402
-from consensusfit.runner.sampling import SamplerSettings, run_nuts  # noqa: E402
-from consensusfit.runner.shard import shard_seed  # noqa: E402
-from consensusfit.runner.tempering import temper  # noqa: E402
+from consensusfit.runner.combine.packing import global_layout, unpack  # noqa: E402
+from consensusfit.runner.combine.supports import bijections  # noqa: E402
+from consensusfit.runner.layout import FitLayout  # noqa: E402
+from consensusfit.runner.steps.combine import read_shard  # noqa: E402
+from consensusfit.runner.steps.inputs import shard_model  # noqa: E402
+from consensusfit.runner.combine.methods import METHODS, combine  # noqa: E402
+from consensusfit.runner.inference.nuts import SamplerSettings, run_nuts  # noqa: E402
+from consensusfit.runner.spec import shard_seed  # noqa: E402
+from consensusfit.runner.inference.tempering import temper  # noqa: E402
 
 from accuracy import GLOBALS, cached_run  # noqa: E402
 
@@ -62,11 +66,11 @@ class temper_density(Messenger):
 
 def main() -> int:
     args, root, reference, spec = cached_run(__doc__.splitlines()[0])
-    store = combiner.open_store(str(root))
-    layout = combiner.global_layout([combiner.read_shard(store, spec, 0)])
+    fit = FitLayout(str(root))
+    layout = global_layout([read_shard(fit, spec, 0)])
     names = list(layout)
-    model0 = combiner.shard_model(spec, str(root), 0, None, None)
-    transforms = combiner.bijections(model0, layout)
+    model0 = shard_model(spec, FitLayout(str(root)), 0, None, None)
+    transforms = bijections(model0.fn, model0.arguments, layout)
     positive = [n for n in names if transforms[n].codomain is constraints.positive]
     others = [n for n in names if n not in positive]
     print(f"tempered and combined on their own scale: {positive}; in u space: {others}")
@@ -75,7 +79,7 @@ def main() -> int:
     for k in range(spec.shards):
         cache = root / "scale-space" / f"{k}.npz"
         if not cache.exists():
-            model = combiner.shard_model(spec, str(root), k, None, None)
+            model = shard_model(spec, FitLayout(str(root)), k, None, None)
             fn = temper_density(temper(model.fn, frozenset(others), 1.0 / spec.shards), frozenset(positive), 1.0 / spec.shards)
             settings = SamplerSettings(
                 warmup=spec.sampler["warmup"], samples=spec.sampler["samples"], chains=spec.sampler["chains"],
@@ -96,7 +100,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     for method in METHODS:
         values, _ = combine(method, shards, rng)
-        sites = combiner.unpack(values, layout)
+        sites = unpack(values, layout)
         constrained = {n: sites[n] if n in positive else np.asarray(transforms[n](sites[n])) for n in names}
         negative = int(sum((constrained[n] <= 0).sum() for n in positive))
         err = {p: (constrained[p].mean() - reference[p]["mean"]) / reference[p]["sd"] for p in GLOBALS}

@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from consensusfit.runner.draws import from_parquet_bytes  # noqa: E402
+from consensusfit.runner.store.draws import from_parquet_bytes  # noqa: E402
 
 RUNS = REPO / "consensusfit-runs" / "accuracy"
 

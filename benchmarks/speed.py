@@ -7,13 +7,13 @@ Three measurements (`--help` of each for its knobs):
     .venv/bin/python benchmarks/speed.py throughput  # shards per hour vs shardsPerPod (for a GPU)
 
 Model: the seed's, as a formula, `FVC ~ 1 + Weeks + (1 + Weeks || Patient)` (random intercept and
-slope per patient, non-centred), tempered by 1/K; data `runner/simulate.py:osic_like`, partitioned
+slope per patient, non-centred), tempered by 1/K; data `runner/local/simulate.py:osic_like`, partitioned
 by the real partition step (every patient in one shard, balanced by rows).
 
 Baseline ("plain"): what the forum thread's user runs for every shard: a new
 `MCMC(NUTS(model), chain_method="vectorized")` and `mcmc.run(key, **data)` on the same tempered
 model and the same arguments, so it samples the same density; it compiles for every shard.
-Ours: the real sample step (`runner/shard.py:sample_shards`), one call per pod of shardsPerPod
+Ours: the real sample step (`runner/steps/sample.py:sample_shards`), one call per pod of shardsPerPod
 shards: shards padded to the fit's shape bucket, the programs built ahead of time and kept in the
 compilation cache folder (program store and XLA's cache; empty at the start, so the first shard
 traces and compiles; shared by the measurements after the baseline, as pods of one fit share it),
@@ -38,16 +38,18 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from consensusfit.runner.cli import configure_jax  # noqa: E402
-from consensusfit.runner.compilation import use_compilation_cache  # noqa: E402
-from consensusfit.runner.cores import cpu_lanes  # noqa: E402
-from consensusfit.runner.data import model_rows, partition_manifest  # noqa: E402
-from consensusfit.runner.models import model_from_spec  # noqa: E402
-from consensusfit.runner.partition import partition_fit  # noqa: E402
-from consensusfit.runner.shard import sample_shards, shard_seed  # noqa: E402
-from consensusfit.runner.simulate import osic_like  # noqa: E402
+from consensusfit.runner.inference.runtime import configure_jax  # noqa: E402
+from consensusfit.runner.inference.runtime import use_compilation_cache  # noqa: E402
+from consensusfit.runner.inference.cores import cpu_lanes  # noqa: E402
+from consensusfit.runner.data.read import model_rows  # noqa: E402
+from consensusfit.runner.steps.inputs import partition_manifest  # noqa: E402
+from consensusfit.runner.models.from_spec import model_from_spec  # noqa: E402
+from consensusfit.runner.steps.partition import partition_fit  # noqa: E402
+from consensusfit.runner.steps.sample import sample_shards  # noqa: E402
+from consensusfit.runner.spec import shard_seed  # noqa: E402
+from consensusfit.runner.local.simulate import osic_like  # noqa: E402
 from consensusfit.runner.spec import parse  # noqa: E402
-from consensusfit.runner.tempering import resolve_global_sites, temper  # noqa: E402
+from consensusfit.runner.inference.tempering import resolve_global_sites, temper  # noqa: E402
 
 FORMULA = "FVC ~ 1 + Weeks + (1 + Weeks || Patient)"
 PHASES = ("load", "compile", "init", "warmup", "sampling", "write")

@@ -1,8 +1,11 @@
 """`consensusfit-runner`: the commands the pods run (docs/contract.md), and local use.
 
-Exit codes: 0 done; 1 transient or unexpected failure (retry); 2 usage; 3 bad input (never retry).
-A failure prints one line, `consensusfit: error: <reason>`, and, where a termination-log file
-exists, a JSON reason there for the operator.
+Exit codes (runner/contract.py): 0 done; 1 transient or unexpected failure (retry); 2 usage; 3
+bad input (never retry). A failure prints one line, `consensusfit: error: <reason>`, and, where a
+termination-log file exists, a JSON reason there for the operator (runner/steps/messages.py).
+
+This module only parses arguments: each step resolves its own inputs from the spec, the layout
+and its options (runner/steps/).
 """
 
 from __future__ import annotations
@@ -16,49 +19,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import contract
-from .contract import POD_COMMANDS, TERMINATION_LIMIT, TERMINATION_LOG
-from .cores import available_cores
+from .contract import COMBINE_STAGES, POD_COMMANDS, TERMINATION_LOG
 from .errors import BadInput, TransientError
-from .spec import load, pod_shards
+from .inference.cores import available_cores
+from .inference.runtime import configure_jax
+from .layout import FitLayout
+from .spec import load
+from .steps.messages import encode, failure
 
-
-
-def configure_jax() -> None:
-    """float64 on CPU (cheap there, and exact tests need it); float32 on accelerators, where
-    float64 runs at a fraction of the speed. `CONSENSUSFIT_PRECISION=float32|float64` overrides.
-    And the persistent compilation cache of $CONSENSUSFIT_COMPILATION_CACHE (runner/compilation.py).
-    """
-    import jax
-
-    from .compilation import use_compilation_cache
-
-    use_compilation_cache()
-
-    choice = os.environ.get(contract.PRECISION, "auto")
-    if choice not in contract.PRECISIONS:
-        raise BadInput(f"{contract.PRECISION} must be auto, float32 or float64, not {choice!r}")
-    if choice == "auto":
-        choice = "float64" if jax.default_backend() == "cpu" else "float32"
-    jax.config.update("jax_enable_x64", choice == "float64")
+REPOSITORY = Path(__file__).resolve().parents[1]  # the source checkout, for the examples
 
 
 def write_termination_message(path: str, message: dict) -> None:
     """Best effort: the file exists only inside a Kubernetes container."""
     if not os.path.exists(path):
         return
-    text = json.dumps(message, separators=(",", ":"))
-    if len(text) > TERMINATION_LIMIT:
-        parameters = message.get("parameters", {})
-        trimmed = {**message, "parameters": {}, "truncated": True}
-        for name, summary in parameters.items():
-            candidate = {**trimmed, "parameters": {**trimmed["parameters"], name: summary}}
-            if len(json.dumps(candidate, separators=(",", ":"))) > TERMINATION_LIMIT:
-                break
-            trimmed = candidate
-        text = json.dumps(trimmed, separators=(",", ":"))[:TERMINATION_LIMIT]
     try:
         with open(path, "w") as handle:
-            handle.write(text)
+            handle.write(encode(message))
     except OSError:
         pass
 
@@ -74,103 +52,68 @@ def parse_shards(value: str) -> list[int]:
         raise BadInput(f"--shard must be K, A-B or a comma list, got {value!r}") from None
 
 
-def command_sample(args) -> dict:
-    from .data import partition_manifest, shard_data_uri, whole_data_stats
-    from .shard import sample_shards
+def parse_shard(value: str | None) -> int | None:
+    """`--shard` of `resample`: one index, or None (the step takes $JOB_COMPLETION_INDEX)."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadInput(f"shard must be an integer, got {value!r}") from None
 
-    spec, _ = load(args.spec)
-    if args.shards is not None and spec.shards != args.shards:
-        raise BadInput(f"--shards {args.shards} but the spec declares {spec.shards} shards")
-    if args.shards_per_pod < 1:
-        raise BadInput(f"--shards-per-pod must be at least 1, got {args.shards_per_pod}")
-    if args.shard is not None:
-        shards = parse_shards(args.shard)
-    else:
-        index = shard_index(None)
-        # an index past the last pod keeps its first shard, for the range check to name it
-        shards = pod_shards(index, args.shards_per_pod, spec.shards) or [index * args.shards_per_pod]
-    root = args.out.rstrip("/")
-    stats = whole_data_stats(root, args.stats)
-    # Shard sizes for the shape bucket describe the partition's output, not other data.
-    sizes = None if args.data else (partition_manifest(root) or {}).get("per_shard")
-    configure_jax()
-    return sample_shards(
-        spec, shards, lambda k: shard_data_uri(root, k, args.data), stats, root, sizes, vectorize=args.vectorize
-    )
+
+# Each command imports its step here, not at the top: the steps import JAX, which `--help`,
+# `simulate` and the partition step do not need.
 
 
 def command_partition(args) -> dict:
-    from .partition import partition_fit
+    from .steps import partition
 
-    spec, _ = load(args.spec)
-    return partition_fit(spec, args.out.rstrip("/"), args.worker, args.workers)
+    options = partition.PartitionOptions(args.worker, args.workers)
+    return partition.run(load(args.spec)[0], FitLayout(args.out), options)
+
+
+def command_sample(args) -> dict:
+    from .steps import sample
+
+    shards = parse_shards(args.shard) if args.shard is not None else None
+    options = sample.SampleOptions(shards, args.shards_per_pod, args.vectorize, args.data, args.stats, args.shards)
+    spec = load(args.spec)[0]
+    configure_jax()
+    return sample.run(spec, FitLayout(args.out), options)
 
 
 def command_combine(args) -> dict:
-    from .combiner import combine_fit
+    from .steps import combine
 
-    spec, _ = load(args.spec)
+    spec = load(args.spec)[0]
     configure_jax()
-    return combine_fit(spec, args.out.rstrip("/"), args.stage)
-
-
-def shard_index(given: str | None) -> int:
-    """`--shard`, else the Indexed Job's $JOB_COMPLETION_INDEX, as an integer."""
-    shard = given if given is not None else os.environ.get(contract.JOB_COMPLETION_INDEX)
-    if shard is None:
-        raise BadInput("no --shard given and JOB_COMPLETION_INDEX is not set")
-    try:
-        return int(shard)
-    except ValueError:
-        raise BadInput(f"shard must be an integer, got {shard!r}") from None
+    return combine.run(spec, FitLayout(args.out), combine.CombineOptions(args.stage))
 
 
 def command_resample(args) -> dict:
-    from .combiner import resample_shard
+    from .steps import resample
 
-    spec, _ = load(args.spec)
-    shard = shard_index(args.shard)
+    spec = load(args.spec)[0]
+    options = resample.ResampleOptions(parse_shard(args.shard), args.data, args.stats)
     configure_jax()
-    return resample_shard(spec, args.out.rstrip("/"), shard, args.data, args.stats)
+    return resample.run(spec, FitLayout(args.out), options)
 
 
 def command_run(args) -> dict:
-    from .pipeline import run_fit
+    from .local.pipeline import present, run_fit
 
     spec, _ = load(args.fit)
-    return finish_run(run_fit(spec, args.workers, args.reference))
-
-
-def finish_run(result) -> dict:
-    """Print the report, draw the posteriors, and return the termination-style summary."""
-    from .draws import from_parquet_bytes, scalar_components
-    from .plots import posterior_figure
-    from .report import fit_report
-    from .storage import open_store
-
-    store = open_store(result.root)
-    names = list(result.diagnostics[0]["parameters"])
-    shards = [
-        scalar_components(from_parquet_bytes(store.read_bytes(f"shards/{k}/draws.parquet")).constrained)
-        for k in range(len(result.diagnostics))
-    ]
-    combined = scalar_components(from_parquet_bytes(store.read_bytes("combined/draws.parquet")).constrained)
-    store.write_bytes(
-        "report/posteriors.png",
-        posterior_figure(shards, combined, names, result.reference, f"{len(shards)} shards"),
-    )
-    print(fit_report(result.summary, result.diagnostics, result.reference))
-    print(f"\nresults: {result.root}\nposteriors: {store.uri('report/posteriors.png')}")
-    return {"ok": True, "uri": result.root}
+    return present(run_fit(spec, args.workers, args.reference))
 
 
 def command_demo(args) -> dict:
     import pyarrow.parquet as pq
 
-    from .pipeline import DEFAULT_OUTPUT, run_fit
-    from .simulate import osic_like
+    from .local.pipeline import DEFAULT_OUTPUT, present, run_fit
+    from .local.simulate import osic_like
 
-    manifest = Path(__file__).resolve().parents[1] / "examples" / "fvc.yaml"
+    manifest = REPOSITORY / "examples" / "fvc.yaml"
     if not manifest.is_file():
         raise BadInput(f"the demo needs a source checkout: {manifest} is missing")
     spec, _ = load(str(manifest))
@@ -181,15 +124,15 @@ def command_demo(args) -> dict:
     spec = replace(spec, raw=raw, name=f"{spec.name}-{args.patients}")
     print(f"demo: {args.patients} OSIC-like patients in {data}, fitting {manifest.name} "
           f"on {spec.shards} shards and on the full data for reference", file=sys.stderr)
-    return finish_run(run_fit(spec, args.workers, reference=True))
+    return present(run_fit(spec, args.workers, reference=True))
 
 
 def command_simulate(args) -> dict:
     import pyarrow.parquet as pq
 
-    from .simulate import DATASETS
+    from .local.simulate import DATASETS
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
+    examples = REPOSITORY / "examples"
     unknown = [name for name in args.names if name not in DATASETS]
     if unknown:
         raise BadInput(f"unknown data set(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
@@ -247,8 +190,8 @@ def parser() -> argparse.ArgumentParser:
     combine = step("combine", "combine the shards' draws into the full-data posterior", command_combine)
     combine.add_argument(
         "--stage",
-        choices=("globals", "finish", "all"),
-        default="all",
+        choices=COMBINE_STAGES,
+        default=contract.ALL_STAGES,
         help="globals: combine the global draws; finish: summarise once every shard is re-sampled; "
         "all (default): both, re-sampling the shards in between",
     )
@@ -301,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(args, reason: str, message: str, code: int) -> int:
     line = message.splitlines()[0] if message else reason
     print(f"consensusfit: error: {line}", file=sys.stderr)
-    write_termination_message(args.termination_log, {"ok": False, "reason": reason, "message": line})
+    write_termination_message(args.termination_log, failure(reason, line))
     return code
 
 

@@ -43,6 +43,8 @@ CPU_LANES = "CONSENSUSFIT_CPU_LANES"
 # `float32` | `float64` | `auto` (default: float64 on a CPU, float32 on an accelerator).
 PRECISION = "CONSENSUSFIT_PRECISION"
 PRECISIONS = ("auto", "float32", "float64")
+# The partition step's memory budget for buffered rows, in MiB (default 512).
+PARTITION_MEMORY_MB = "CONSENSUSFIT_PARTITION_MEMORY_MB"
 
 # ---------------------------------------------------------------- the pod
 

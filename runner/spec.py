@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import yaml
 
 from .contract import deep_merge
@@ -92,11 +93,63 @@ class FitSpec:
         if not 0 <= shard < self.shards:
             raise BadInput(f"shard {shard} is out of range: the fit has {self.shards} shards (0..{self.shards - 1})")
 
+    @property
+    def seeds(self) -> "Seeds":
+        """Every random stream of the fit, by name, from `spec.sampler.seed`."""
+        return Seeds(int(self.sampler["seed"]))
+
     def fingerprint(self) -> str:
         """A short hash of everything that changes the answer (see FINGERPRINT_FIELDS)."""
         relevant = {key: self.raw.get(key) for key in FINGERPRINT_FIELDS}
         canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """Independent, reproducible random streams per shard from one seed (NumPy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+
+# Offsets that set the streams apart: changing one changes every fit's draws.
+_RESAMPLE_OFFSET = 7919  # the re-sampling streams: shard_seed(seed + 7919, k)
+_COMBINE_ENTROPY = 0xC0B1  # the combination's stream: SeedSequence([seed, 0xC0B1])
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Every seed a fit uses, each a named stream of the one `spec.sampler.seed`.
+
+    A stream depends only on the spec and the shard, never on how the steps ran (one process or
+    a pod per shard, stages together or apart), so the files are the same either way.
+    """
+
+    seed: int
+
+    @property
+    def partition(self) -> int:
+        """The seeded hash of the group keys (runner/data/balance.py)."""
+        return self.seed
+
+    def sample(self, shard: int) -> int:
+        """Shard `shard`'s tempered NUTS (chains split from it)."""
+        return shard_seed(self.seed, shard)
+
+    def combine(self) -> np.random.Generator:
+        """The random numbers of the combination methods (runner/combine/methods.py)."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, _COMBINE_ENTROPY]))
+
+    def resample(self, shard: int) -> int:
+        """Shard `shard`'s adaptation run of the conditional re-sampling."""
+        return shard_seed(self.seed + _RESAMPLE_OFFSET, shard)
+
+    def resample_transitions(self, shard: int) -> int:
+        """Shard `shard`'s re-sampling transitions, one key per combined draw split from it."""
+        return self.resample(shard) + 1
+
+    @property
+    def reference(self) -> int:
+        """The full-data reference fit (untempered NUTS, as one shard)."""
+        return self.seed
 
 
 def pod_shards(index: int, per_pod: int, total: int) -> list[int]:
@@ -192,7 +245,7 @@ def load(argument: str) -> tuple[FitSpec, str]:
     (against which relative paths in the spec are resolved)."""
     from pathlib import Path
 
-    from .storage import NotFound, split_uri
+    from .store.storage import NotFound, split_uri
 
     if argument.lstrip().startswith("{"):
         return loads(argument), "."

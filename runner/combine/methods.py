@@ -2,9 +2,9 @@
 
 Every function takes one array per shard, shaped (chains_k, draws_k, D): the draws of the D global
 components in the space where the shard densities multiply to the full posterior (the unconstrained
-space NUTS samples in; see runner/tempering.py). Shards may have different numbers of chains and
+space NUTS samples in; see runner/inference/tempering.py). Shards may have different numbers of chains and
 draws. Every function returns draws shaped (chains, draws, D) and never needs S ≥ D: covariances
-are shrinkage estimates (runner/covariance.py), always invertible.
+are shrinkage estimates (runner/combine/covariance.py), always invertible.
 
 Notation: shard k has draws θ_{k,s} with sample mean m_k and (shrunk) covariance Σ_k; its precision
 is W_k = Σ_k⁻¹. If every shard posterior were Gaussian, N(m_k, Σ_k), their product would be the

@@ -3,7 +3,7 @@
 XLA compiles one program per set of array shapes, and every shard has its own number of rows and
 groups. Rounding both up to a bucket makes shards of one fit share one program: in the same
 process (several shards per pod) it is compiled once, and across pods the persistent compilation
-cache (runner/compilation.py) turns every later compile into a read.
+cache (runner/inference/programs.py) turns every later compile into a read.
 
 Buckets are m·2^e with m in [8, 16): eight sizes per doubling, so padding costs at most 1/8 of
 the work (`bucket_size`). When the partition manifest is there, a shard is padded to the bucket

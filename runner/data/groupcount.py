@@ -1,6 +1,6 @@
 """Rows per group over a stream of record batches: exact, in memory proportional to the groups.
 
-`HashCounter` counts by the groups' seeded 64-bit hashes (runner/balance.py `key_hashes`): numbers
+`HashCounter` counts by the groups' seeded 64-bit hashes (runner/data/balance.py `key_hashes`): numbers
 sort and add up much more cheaply than strings, and the result comes with the sorted, distinct
 hashes by which the partition step later finds each row's shard. It stays exact: every key is
 compared with the first key seen under its hash, and two different keys with one hash raise

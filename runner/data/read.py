@@ -7,15 +7,14 @@ Every refusal names the column, the shard and how many rows are affected, so a u
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import BadInput
-from .models import Model, ShardData, model_from_spec
-from .storage import NotFound, Store, open_store, split_uri
+from ..errors import BadInput
+from ..store.storage import Store, open_store, split_uri
+from .shard import ShardData
 
 
 def parquet_keys(store: Store) -> list[str]:
@@ -83,37 +82,6 @@ def shard_data(
     return ShardData(arrays, group_column, labels, index.astype(np.int32))
 
 
-def model_rows(model: Model, spec, uri: str, where: str) -> ShardData:
+def model_rows(model, spec, uri: str, where: str) -> ShardData:
     """The checked rows at `uri` (a shard, or all the data) that `model` will be fed."""
     return shard_data(read_table(uri), model.columns, model.numeric, spec.group_column, where)
-
-
-def model_and_data(spec, stats: dict | None, uri: str, where: str) -> tuple[Model, ShardData]:
-    """The spec's model and the checked rows at `uri` it will be fed."""
-    model = model_from_spec(spec, stats)
-    return model, model_rows(model, spec, uri, where)
-
-
-def shard_data_uri(root: str, shard: int, data_uri: str | None = None) -> str:
-    """Where shard `shard`'s rows are: `data_uri` with {shard} filled in, else the partition's."""
-    return (data_uri or f"{root.rstrip('/')}/partition/shard={{shard}}/").replace("{shard}", str(shard))
-
-
-def partition_manifest(root: str) -> dict | None:
-    """The partition step's manifest under `root`, if the data were partitioned there."""
-    try:
-        return json.loads(open_store(root).read_bytes("partition/manifest.json"))
-    except NotFound:
-        return None
-
-
-def whole_data_stats(root: str, stats_uri: str | None = None) -> dict | None:
-    """Whole-data statistics for priors: from `stats_uri` if given (it must exist), else from the
-    partition manifest under `root` if there is one."""
-    if stats_uri is None:
-        return (partition_manifest(root) or {}).get("stats")
-    store, key = split_uri(stats_uri)
-    try:
-        return json.loads(store.read_bytes(key)).get("stats")
-    except NotFound:
-        raise BadInput(f"{stats_uri} does not exist") from None

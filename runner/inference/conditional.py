@@ -18,7 +18,7 @@ joint posterior: the combination's error in θ is the only approximation left, a
 do its part on its own (in parallel, like sampling).
 
 Algorithm, for one shard with combined draws θ_1..θ_N:
-1. Adapt once: NUTS (runner.sampling.run_nuts) on the model conditioned on a central combined draw
+1. Adapt once: NUTS (runner/inference/nuts.py `run_nuts`) on the model conditioned on a central combined draw
    θ* (numpyro.handlers.condition), with its usual warmup. This gives a step size ε, a diagonal
    inverse mass matrix (the variance of its draws, in the unconstrained space NUTS moves in) and a
    pool of draws from p(α_k | θ*, y_k).
@@ -36,6 +36,7 @@ combined draw s.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,7 +48,7 @@ from numpyro import handlers
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from .sampling import SamplerSettings, ravel_batch, run_nuts
+from .nuts import SamplerSettings, ravel_batch, run_nuts
 
 TRANSITIONS = 20  # T: NUTS transitions per combined draw
 POOL = 200  # draws from p(α | θ*, y) kept from the adaptation run
@@ -83,26 +84,66 @@ def resample_groups(
     settings: SamplerSettings,
     transitions: int = TRANSITIONS,
     batch: int = 1000,
+    transition_seed: int | None = None,
 ) -> Resampled:
     """Draw every group-level site of one shard given each combined global draw (module docstring).
 
     theta: constrained combined draws of the global latent sites, shaped (chains, draws, ...).
     settings: warmup, tree depth, target acceptance and seed for the adaptation run.
+    transition_seed: the seed of the transitions' keys (runner/spec.py `Seeds`; default
+    `settings.seed + 1`, the stream the step uses).
     """
-    import time
-
     started = time.perf_counter()
     chains, draws = next(iter(theta.values())).shape[:2]
     n = chains * draws
     flat_theta = {name: np.asarray(v).reshape((n,) + v.shape[2:]) for name, v in theta.items()}
     centre = {name: v[central_draw(flat_theta)] for name, v in flat_theta.items()}
-    with jax.ensure_compile_time_eval(), handlers.trace() as trace, handlers.seed(rng_seed=0):
-        handlers.condition(model, data=centre)(**arguments)
-    if not any(s["type"] == "sample" and not s["is_observed"] for s in trace.values()):
+    if not _has_group_sites(model, arguments, centre):
         # every latent site is global: nothing is left to draw given θ
         return Resampled({}, {}, float("nan"), float("nan"), {"adapt": 0.0, "resample": 0.0})
 
-    # 1. adapt once, at a central combined draw
+    adaptation = _adapt(model, arguments, centre, settings)  # 1. adapt once, at a central draw
+    adapted_at = time.perf_counter()
+
+    # 2. T transitions per combined draw, vectorised over draws
+    program = _conditional_program(model, arguments, adaptation, settings.max_tree_depth, transitions)
+    seed = settings.seed + 1 if transition_seed is None else transition_seed
+    keys = random.split(random.PRNGKey(seed), n)
+    starts = adaptation.flat_pool[np.arange(n) % len(adaptation.flat_pool)]
+    merged, accept_prob = _in_batches(program, flat_theta, starts, keys, n, batch)
+
+    latent_names = set(adaptation.pool)
+    shaped = {name: v.reshape((chains, draws) + v.shape[1:]) for name, v in merged.items() if name not in theta}
+    return Resampled(
+        latent={name: v for name, v in shaped.items() if name in latent_names},
+        deterministic={name: v for name, v in shaped.items() if name not in latent_names},
+        accept_prob=accept_prob,
+        step_size=adaptation.step_size,
+        seconds={"adapt": adapted_at - started, "resample": time.perf_counter() - adapted_at},
+    )
+
+
+def _has_group_sites(model: Callable, arguments: dict[str, Any], centre: dict) -> bool:
+    """Whether the model, with the global sites given, still samples a latent site."""
+    with jax.ensure_compile_time_eval(), handlers.trace() as trace, handlers.seed(rng_seed=0):
+        handlers.condition(model, data=centre)(**arguments)
+    return any(s["type"] == "sample" and not s["is_observed"] for s in trace.values())
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What step 1 leaves for step 2: a pool of draws given θ*, and NUTS's adapted step size and
+    diagonal inverse mass matrix (in the raveled unconstrained space)."""
+
+    pool: dict[str, Any]  # unconstrained group-level sites, (POOL, ...)
+    flat_pool: jax.Array  # the pool raveled, (POOL, dims)
+    unravel: Callable
+    step_size: float
+    inverse_mass: jax.Array
+
+
+def _adapt(model: Callable, arguments: dict[str, Any], centre: dict, settings: SamplerSettings) -> Adaptation:
+    """NUTS with its usual warmup on the model conditioned on the central draw θ*."""
     pool_settings = SamplerSettings(
         warmup=settings.warmup,
         samples=POOL,
@@ -113,13 +154,20 @@ def resample_groups(
     )
     adapted = run_nuts(handlers.condition(model, data=centre), arguments, pool_settings)
     pool = {name: value[0] for name, value in adapted.unconstrained.items()}  # (POOL, ...)
-    step_size = float(adapted.step_size[0])
     flat_pool, unravel = ravel_batch(pool)
     inverse_mass = jnp.clip(jnp.var(flat_pool, axis=0), 1e-12, None)
-    adapted_at = time.perf_counter()
+    return Adaptation(pool, flat_pool, unravel, float(adapted.step_size[0]), inverse_mass)
 
-    # 2. T transitions per combined draw, vectorised over draws, on the raveled sites (as in
-    # runner/sampling.py: one array per NUTS operation instead of one per site)
+
+def _conditional_program(
+    model: Callable, arguments: dict[str, Any], adaptation: Adaptation, max_tree_depth: int, transitions: int
+) -> Callable:
+    """One compiled program: for each (θ_s, start, key), T NUTS transitions targeting
+    p(α | θ_s, y) with the adapted step size and mass fixed; the constrained sites of the last
+    state and the mean acceptance. On the raveled sites, as in runner/inference/nuts.py: one array
+    per NUTS operation instead of one per site."""
+    unravel = adaptation.unravel
+
     def potential_given(values):
         conditioned = handlers.condition(model, data=values)
         return lambda x: potential_energy(conditioned, (), arguments, unravel(x))
@@ -130,11 +178,11 @@ def resample_groups(
         state = init_kernel(
             start,
             num_warmup=0,
-            step_size=step_size,
-            inverse_mass_matrix=inverse_mass,
+            step_size=adaptation.step_size,
+            inverse_mass_matrix=adaptation.inverse_mass,
             adapt_step_size=False,
             adapt_mass_matrix=False,
-            max_tree_depth=settings.max_tree_depth,
+            max_tree_depth=max_tree_depth,
             model_args=(values,),
             rng_key=key,
         )
@@ -149,9 +197,11 @@ def resample_groups(
         )
         return constrained, accept.mean()
 
-    program = jax.jit(jax.vmap(one))
-    keys = random.split(random.PRNGKey(settings.seed + 1), n)
-    starts = flat_pool[np.arange(n) % len(flat_pool)]
+    return jax.jit(jax.vmap(one))
+
+
+def _in_batches(program: Callable, flat_theta: dict, starts, keys, n: int, batch: int) -> tuple[dict, float]:
+    """`program` over all n draws, `batch` at a time; the merged sites and the mean acceptance."""
     outputs, accepts = [], []
     for begin in range(0, n, batch):
         part = slice(begin, min(n, begin + batch))
@@ -163,12 +213,4 @@ def resample_groups(
         outputs.append(jax.tree.map(lambda v: np.asarray(v)[:size], result))
         accepts.append(np.asarray(accept)[:size])
     merged = {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
-    latent_names = set(pool)
-    shaped = {name: v.reshape((chains, draws) + v.shape[1:]) for name, v in merged.items() if name not in theta}
-    return Resampled(
-        latent={name: v for name, v in shaped.items() if name in latent_names},
-        deterministic={name: v for name, v in shaped.items() if name not in latent_names},
-        accept_prob=float(np.concatenate(accepts).mean()),
-        step_size=step_size,
-        seconds={"adapt": adapted_at - started, "resample": time.perf_counter() - adapted_at},
-    )
+    return merged, float(np.concatenate(accepts).mean())

@@ -12,8 +12,8 @@ import math
 import os
 from pathlib import Path
 
-# Set by the local pipeline, which runs several sample processes side by side.
-from .contract import CPU_LANES as ENVIRONMENT
+from ..contract import CPU_LANES  # set by the operator, or by the local pipeline for its processes
+
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
@@ -34,5 +34,5 @@ def available_cores() -> int:
 
 def cpu_lanes() -> int:
     """Shards a process samples at once on a CPU: `CONSENSUSFIT_CPU_LANES`, else its cores."""
-    value = os.environ.get(ENVIRONMENT)
+    value = os.environ.get(CPU_LANES)
     return max(1, int(value)) if value else available_cores()

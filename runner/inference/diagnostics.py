@@ -20,6 +20,8 @@ from numpyro.diagnostics import effective_sample_size
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
+from ..store.draws import scalar_components
+
 
 def split_chains(draws: np.ndarray) -> np.ndarray:
     """(chains, n) -> (2·chains, n // 2); an odd middle draw is dropped."""
@@ -79,3 +81,9 @@ def summarize(draws: np.ndarray) -> dict[str, float]:
         "ess_bulk": ess_bulk(draws),
         "ess_tail": ess_tail(draws),
     }
+
+
+def parameter_diagnostics(samples, names: list[str]) -> dict[str, dict]:
+    """Summary and convergence diagnostics of every scalar component of the named sites."""
+    components = scalar_components({name: samples.constrained[name] for name in names})
+    return {component: summarize(values) for component, values in components.items()}

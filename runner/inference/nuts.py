@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import initialize_model
 
-from .compilation import load_programs, program_key, store_programs
+from .programs import load_programs, program_key, store_programs
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def export_programs(
 ) -> list[export.Exported]:
     """The init, step and constrain programs of `CompiledNuts`, traced once, as StableHLO.
 
-    Exported programs can be stored and loaded by another process (runner/compilation.py), which
+    Exported programs can be stored and loaded by another process (runner/inference/programs.py), which
     then skips tracing NUTS, the part of compiling that XLA's cache does not keep. Their inputs
     and outputs are arrays, lists and string-keyed dicts: NUTS's state crosses as its list of
     leaves (its pytree has a tuple-keyed dict, which `jax.export` cannot serialise).
@@ -218,7 +218,7 @@ class CompiledNuts:
 
     `example` is one shard's arguments: it fixes the shapes (and, for a model that needs its data
     as constants, the data themselves). `run` then samples any batch of shards of those shapes.
-    `identity` names the model for the program store (runner/compilation.py): programs of a model
+    `identity` names the model for the program store (runner/inference/programs.py): programs of a model
     with its data as arguments are kept there, and a later sampler with the same identity, shapes
     and settings loads them instead of tracing.
     """

@@ -1,10 +1,11 @@
-"""The compilation cache: a shard compiles its sampler only if no shard did before.
+"""The program store: a shard traces and compiles its sampler only if no shard did before.
 
-Shards padded to one shape bucket (runner/buckets.py) lower to the same XLA program, so with a
+Shards padded to one shape bucket (runner/data/buckets.py) lower to the same XLA program, so with a
 cache folder every shard of a fit after the first reads the compiled program instead of building
 it (tens of seconds on a GPU). The folder is `$CONSENSUSFIT_COMPILATION_CACHE`: in a cluster a
 volume the runner pods share (`spec.runner.compilationCache`); in local mode `consensusfit run`
-uses `~/.cache/consensusfit/jax` unless the variable says otherwise. Empty or unset: no cache.
+uses `~/.cache/consensusfit/jax` unless the variable says otherwise. Empty or unset: no cache
+(runner/inference/runtime.py turns it on).
 
 Two stores in the folder. JAX's persistent cache keeps XLA's compiled programs; it is keyed by
 the program, so a process must still trace NUTS to find its entry (seconds on a CPU). The program
@@ -23,32 +24,8 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .contract import COMPILATION_CACHE as ENVIRONMENT
-
-
-def local_default() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "consensusfit" / "jax")
-
-
-def use_compilation_cache(folder: str | None = None) -> str | None:
-    """Cache every compiled program in `folder` (default: the environment variable); the folder
-    in use, or None."""
-    import jax
-
-    folder = folder if folder is not None else os.environ.get(ENVIRONMENT)
-    if not folder:
-        return None
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    # Cache every program, however small or quick to build: a fit runs the same ones many times.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder
-
-
 PROGRAMS = "programs"
-RUNNER = Path(__file__).resolve().parent
+RUNNER = Path(__file__).resolve().parents[1]  # the runner package, subpackages included
 
 
 def _program_folder() -> Path | None:
@@ -65,8 +42,8 @@ def program_key(*parts: str) -> str:
     import numpyro
 
     digest = hashlib.sha256()
-    for source in sorted(RUNNER.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    for source in sorted(RUNNER.rglob("*.py")):
+        digest.update(source.relative_to(RUNNER).as_posix().encode() + b"\0" + source.read_bytes())
     environment = (jax.__version__, jaxlib.__version__, numpyro.__version__, jax.default_backend(),
                    str(jax.config.jax_enable_x64))
     for part in environment + parts:

@@ -24,7 +24,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from .errors import BadInput
+from ..errors import BadInput
 
 
 class temper(Messenger):

@@ -22,8 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInput, TransientError
-from .spec import FitSpec, pod_shards
+from ..contract import (
+    COMPILATION_CACHE, CPU_LANES, EXIT_BAD_INPUT, FINISH_STAGE, GLOBALS_STAGE, RESAMPLE, SAMPLE,
+)
+from ..errors import BadInput, TransientError
+from ..inference import cores
+from ..inference.runtime import configure_jax, local_default
+from ..layout import FitLayout
+from ..spec import FitSpec, pod_shards
+from ..steps import combine, partition
+from ..steps import reference as full_data
+from ..store.draws import from_parquet_bytes, scalar_components
+from .plots import posterior_figure
+from .report import fit_report
 
 DEFAULT_OUTPUT = "./consensusfit-runs"
 
@@ -59,9 +70,9 @@ class Progress:
         self.write(line)
 
 # The per-shard steps, each with what the progress lines call it.
-SHARD_STEPS = {"sample": "sampling", "resample": "re-sampling"}
+SHARD_STEPS = {SAMPLE: "sampling", RESAMPLE: "re-sampling"}
 
-def shard_command(spec: FitSpec, root: str, shards: list[int], step: str = "sample") -> list[str]:
+def shard_command(spec: FitSpec, root: str, shards: list[int], step: str = SAMPLE) -> list[str]:
     """The command a pod of the step's Indexed Job runs for `shards`, as a local process."""
     manifest = {"metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec.raw}
     selected = str(shards[0]) if len(shards) == 1 else f"{shards[0]}-{shards[-1]}"
@@ -72,19 +83,17 @@ def shard_command(spec: FitSpec, root: str, shards: list[int], step: str = "samp
 
 def process_shards(spec: FitSpec, step: str) -> list[list[int]]:
     """The shards of each process, as of each pod: shardsPerPod consecutive ones for sampling."""
-    per_pod = spec.shards_per_pod if step == "sample" else 1
+    per_pod = spec.shards_per_pod if step == SAMPLE else 1
     return [pod_shards(index, per_pod, spec.shards) for index in range(-(-spec.shards // per_pod))]
 
 def shard_environment(processes: int) -> dict[str, str]:
     """The environment of `processes` processes side by side: local mode keeps a compilation
     cache unless told otherwise, and the cores are shared out, so that processes sampling several
     shards do not each start a thread per core."""
-    from . import compilation, cores
-
     return {
         **os.environ,
-        compilation.ENVIRONMENT: os.environ.get(compilation.ENVIRONMENT, compilation.local_default()),
-        cores.ENVIRONMENT: str(max(1, cores.available_cores() // processes)),
+        COMPILATION_CACHE: os.environ.get(COMPILATION_CACHE, local_default()),
+        CPU_LANES: str(max(1, cores.available_cores() // processes)),
     }
 
 def _stop(processes) -> None:
@@ -96,7 +105,7 @@ def _stop(processes) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
 
-def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step: str = "sample") -> None:
+def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step: str = SAMPLE) -> None:
     """Run `step` (SHARD_STEPS) for every shard as a process, at most `workers` at once; stop all
     on the first failure.
 
@@ -126,7 +135,7 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step:
                 error = process.stderr.read().strip()
                 if process.returncode != 0:
                     reason = error.splitlines()[-1] if error else "no output"
-                    failure = BadInput if process.returncode == 3 else TransientError
+                    failure = BadInput if process.returncode == EXIT_BAD_INPUT else TransientError
                     named = f"shard {shards[0]}" if len(shards) == 1 else f"shards {shards[0]}-{shards[-1]}"
                     raise failure(f"{activity} {named} failed (exit {process.returncode}): {reason}")
                 done += len(shards)
@@ -144,34 +153,45 @@ class FitResult:
 def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
     """Partition, sample every shard, combine (globals, re-sampling, finish), and optionally fit
     the full data for reference."""
-    from .cli import configure_jax
-    from .combiner import combine_fit
-    from .partition import partition_fit
-    from .storage import open_store
-
     root = fit_root(spec)
+    layout = FitLayout(root)
     progress = progress or Progress(spec.shards)
     progress.phase(f"results in {root}")
     progress.phase("partitioning")
-    partition_fit(spec, root)
-    run_shards(spec, root, workers, progress)
+    partition.run(spec, layout)
+    run_shards(spec, root, workers, progress, SAMPLE)
     progress.phase("combining the global parameters")
     configure_jax()
-    combine_fit(spec, root, "globals")
+    combine.run(spec, layout, combine.CombineOptions(GLOBALS_STAGE))
     if spec.combine["groupParameters"] == "resample":
-        run_shards(spec, root, workers, progress, "resample")
+        run_shards(spec, root, workers, progress, RESAMPLE)
     progress.phase("summarising")
-    combine_fit(spec, root, "finish")
-    store = open_store(root)
-    diagnostics = [
-        json.loads(store.read_bytes(f"shards/{k}/diagnostics.json")) for k in range(spec.shards)
-    ]
-    summary = json.loads(store.read_bytes("combined/summary.json"))
+    combine.run(spec, layout, combine.CombineOptions(FINISH_STAGE))
+    store = layout.store
+    diagnostics = [json.loads(store.read_bytes(layout.shard(k).diagnostics)) for k in range(spec.shards)]
+    summary = json.loads(store.read_bytes(layout.combined.summary))
     full = None
     if reference:
-        from .reference import reference_fit
-
         progress.phase("reference: NUTS on the full data")
-        full = reference_fit(spec, root)
+        full = full_data.run(spec, layout)
     progress.phase("done")
     return FitResult(root, summary, diagnostics, full)
+
+
+def present(result: FitResult) -> dict:
+    """Print the report, draw the posteriors, and return the termination-style summary."""
+    layout = FitLayout(result.root)
+    store = layout.store
+    names = list(result.diagnostics[0]["parameters"])
+    shards = [
+        scalar_components(from_parquet_bytes(store.read_bytes(layout.shard(k).draws)).constrained)
+        for k in range(len(result.diagnostics))
+    ]
+    combined = scalar_components(from_parquet_bytes(store.read_bytes(layout.combined.draws)).constrained)
+    store.write_bytes(
+        layout.report.posteriors,
+        posterior_figure(shards, combined, names, result.reference, f"{len(shards)} shards"),
+    )
+    print(fit_report(result.summary, result.diagnostics, result.reference))
+    print(f"\nresults: {result.root}\nposteriors: {layout.uri(layout.report.posteriors)}")
+    return {"ok": True, "uri": result.root}

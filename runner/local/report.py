@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from ..steps.messages import worst
+
 def _number(value: float) -> str:
     if value is None or not math.isfinite(value):
         return "-"
@@ -32,7 +34,7 @@ def fit_report(summary: dict, diagnostics: list[dict], reference: dict | None) -
         combined = summary["parameters"][name]
         per_shard = [shard["parameters"][name] for shard in diagnostics]
         row = [name] + [_number(combined[key]) for key in ("mean", "sd", "q05", "q95")]
-        row += [_number(max(p["rhat"] for p in per_shard)), _number(min(p["ess_bulk"] for p in per_shard))]
+        row += [_number(value) for value in worst(per_shard)]
         if reference:
             truth = reference[name]
             row += [

@@ -59,10 +59,11 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from .errors import BadInput
+from ..errors import BadInput
 from .formula_design import Column, Variable, codes, design, part_columns, rank_deficient, variable
 from .formula_parse import GroupTerm, ParsedFormula, parse_formula
-from .models import Model, ShardData
+from ..data.shard import ShardData
+from .base import Model
 from .priors import CORRELATION, POSITIVE, REAL, Prior, check_support, check_tempered, make_prior, parse_prior
 
 FAMILIES = ("gaussian", "bernoulli", "poisson", "negativebinomial")

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import BadInput
+from ..errors import BadInput
 
 Term = tuple[str, ...]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import BadInput
+from ..errors import BadInput
 
 Term = tuple[str, ...]  # the columns of one term, in the order written; () is the intercept
 

@@ -48,7 +48,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from .errors import BadInput
+from ..errors import BadInput
 
 REAL, POSITIVE, CORRELATION = "real", "positive", "correlation"
 

@@ -1,7 +1,7 @@
-"""Models: what a shard samples, whether written in Python or as a formula.
+"""Python models (`spec.model.python`): a user's NumPyro function loaded from a file.
 
-A model is a NumPyro model function plus a `prepare` step that turns one shard's columns into the
-function's keyword arguments. Preparation happens in NumPy, outside JAX tracing, so categorical
+A model (runner/models/base.py) is a NumPyro model function plus a `prepare` step that turns one
+shard's columns into the function's keyword arguments. Preparation happens in NumPy, outside JAX tracing, so categorical
 coding and design matrices are built once per shard with whole-data statistics (`stats`), never
 with statistics of the shard: every shard then has the same prior.
 
@@ -20,87 +20,14 @@ import importlib.util
 import inspect
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-
-from .errors import BadInput
+from typing import Any
 
 
-@dataclass(frozen=True)
-class ShardData:
-    """One shard's rows as NumPy columns, with its groups indexed densely."""
-
-    columns: dict[str, np.ndarray]
-    group_column: str | None = None
-    group_labels: np.ndarray = field(default_factory=lambda: np.array([]))
-    group_index: np.ndarray = field(default_factory=lambda: np.array([], dtype=np.int32))
-    row_mask: np.ndarray | None = None  # set on a padded shard: True for real rows
-
-    @property
-    def rows(self) -> int:
-        return len(next(iter(self.columns.values()))) if self.columns else 0
-
-    @property
-    def groups(self) -> int:
-        return len(self.group_labels)
-
-    def doubled(self) -> "ShardData":
-        """The shard stacked on a copy of itself whose groups are new ones.
-
-        Used to find global sites: a site whose shape is the same for a shard and for its doubled
-        version does not depend on the shard's data.
-        """
-        columns = {name: np.concatenate([values, values]) for name, values in self.columns.items()}
-        labels = np.concatenate(
-            [self.group_labels, np.array([f"{label}#copy" for label in self.group_labels])]
-        )
-        index = np.concatenate([self.group_index, self.group_index + self.groups])
-        return ShardData(columns, self.group_column, labels, index)
-
-    def padded(self, rows: int, groups: int) -> "ShardData":
-        """The shard padded to `rows` rows and `groups` groups (shape buckets, runner/buckets.py).
-
-        Padding rows repeat row 0 (valid values of every column, so every log density stays
-        finite) and belong to group 0; `row_mask` marks them, and a model that honours it drops
-        their likelihood. Padding groups have no rows, so their parameters are drawn from their
-        prior, which integrates to one: the posterior of the real parameters is exactly the
-        shard's own.
-        """
-        if rows < self.rows or groups < self.groups:
-            raise ValueError(f"cannot pad {self.rows} rows / {self.groups} groups down to {rows} / {groups}")
-        extra = rows - self.rows
-        columns = {name: np.concatenate([values, np.repeat(values[:1], extra)]) for name, values in self.columns.items()}
-        mask = np.arange(rows) < self.rows
-        if self.group_column is None:
-            return ShardData(columns, row_mask=mask)
-        labels = np.concatenate(
-            [self.group_labels.astype(object), np.array([f"<padding {i}>" for i in range(groups - self.groups)], dtype=object)]
-        )
-        index = np.concatenate([self.group_index, np.zeros(extra, dtype=self.group_index.dtype)])
-        return ShardData(columns, self.group_column, labels, index, mask)
-
-
-@dataclass(frozen=True)
-class Model:
-    """A NumPyro model and how to feed it one shard.
-
-    fn: the NumPyro model, called as `fn(**prepare(shard))`.
-    columns: the data columns it reads (checked before sampling, with a reason naming the column).
-    numeric: the subset of `columns` that must be numeric and finite.
-    prepare: shard data -> keyword arguments of `fn` (NumPy arrays or Python values).
-    data_as_arguments: whether `fn` can take its arrays as traced JAX values (it computes no shape
-        from their contents) and honours a padded shard's `row_mask`: then shards padded to one
-        shape bucket share one compiled sampler.
-    """
-
-    fn: Callable[..., Any]
-    columns: tuple[str, ...]
-    numeric: tuple[str, ...]
-    prepare: Callable[[ShardData], dict[str, Any]]
-    data_as_arguments: bool = False
+from ..data.shard import ShardData
+from ..errors import BadInput
+from ..store.storage import NotFound, split_uri
+from .base import Model
 
 
 def _load_module(source: str, origin: str):
@@ -155,36 +82,9 @@ def python_model(
     return Model(fn=fn, columns=columns, numeric=numeric, prepare=prepare)
 
 
-def _read_source(uri: str) -> str:
-    from .storage import NotFound, split_uri
-
+def read_source(uri: str) -> str:
     store, key = split_uri(uri)
     try:
         return store.read_bytes(key).decode()
     except NotFound:
         raise BadInput(f"model file {uri} does not exist") from None
-
-
-def model_from_spec(spec, stats: dict | None) -> Model:
-    """The model a `FitSpec` declares (relative paths were resolved when the spec was loaded)."""
-    python = spec.model.get("python")
-    if python:
-        source = _read_source(python["uri"])
-        return python_model(source, python["uri"], python["function"], spec.group_column, stats)
-    from .formula import formula_model
-
-    return formula_model(spec.model, spec.group_column, stats or {}, spec.shards)
-
-
-def required_columns(spec) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(columns the model reads, those of them that must be numeric), known before any data.
-
-    Partitioning checks these over the whole data set, before any shard is sampled.
-    """
-    python = spec.model.get("python")
-    if python:
-        model = model_from_spec(spec, None)
-        return model.columns, model.numeric
-    from .formula import formula_columns
-
-    return formula_columns(spec.model)

@@ -10,7 +10,7 @@ How it runs, for worker I of M (M = 1 locally):
    missing columns and non-numeric numeric columns before reading any data.
 2. Every worker reads the group column of *all* files (Parquet column projection: one column, the
    cheapest read there is) and counts rows per group. From the counts it computes the assignment
-   (runner/balance.py), which is a pure function of (counts, seed, K): all M workers compute the
+   (runner/data/balance.py), which is a pure function of (counts, seed, K): all M workers compute the
    same assignment without talking to each other, no barrier, no shared state. Without a group
    column only the footers' row counts are needed (rows are numbered across files in key order).
 3. Worker I streams the rows of its own files (file i belongs to worker i mod M) in record batches,
@@ -38,7 +38,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -48,17 +47,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import balance
-from .completion import check_fingerprint, now
-from .colstats import ColumnStats, final, is_numeric_type, merge_partial
-from .errors import BadInput, TransientError
-from .groupcount import ExactCounter, HashCollision, HashCounter
-from .sources import InputFile, list_inputs, open_parquet
-from .storage import NotFound, Store, open_store
+from ..data import balance
+from ..contract import PARTITION_MEMORY_MB
+from ..layout import FitLayout
+from ..store.completion import completed, now, read_json
+from ..data.colstats import ColumnStats, final, is_numeric_type, merge_partial
+from ..errors import BadInput, TransientError
+from ..data.groupcount import ExactCounter, HashCollision, HashCounter
+from ..store.sources import InputFile, list_inputs, open_parquet
+from ..store.storage import Store
+from .messages import partition_message
 
-MANIFEST = "partition/manifest.json"
-WORKERS = "partition/workers"
-PART = re.compile(r"^partition/shard=(\d+)/part-(\d+)\.parquet$")
 DEFAULT_MEMORY_MB = 512
 BATCH_ROWS = 1 << 17  # rows read at a time: larger batches cost memory in the Parquet reader
 MAX_BATCH_ROWS = 1 << 20
@@ -70,7 +69,7 @@ def _no_log(message: str) -> None:
 
 
 @dataclass
-class Plan:
+class Assignment:
     """What every worker knows about the whole input before writing anything."""
 
     layout: str  # "groups" | "rows" | "sharded"
@@ -98,11 +97,23 @@ class Inputs:
 # public entry points
 
 
+@dataclass(frozen=True)
+class PartitionOptions:
+    worker: int = 0  # this worker's index
+    workers: int = 1  # how many workers partition the data
+
+
+def run(spec, layout: FitLayout, options: PartitionOptions = PartitionOptions()) -> dict:
+    """The partition step: the fit's data into shards under `layout`; its termination message."""
+    return partition_fit(spec, layout.root, options.worker, options.workers)
+
+
 def partition_fit(
     spec, out_uri: str, worker: int = 0, workers: int = 1, *, log=None
 ) -> dict:
-    """Partition the fit's data under `out_uri`; the termination message of docs/contract.md."""
-    from .models import required_columns
+    """Partition the fit's data under `out_uri` with the columns its model reads."""
+    # here, not at the top: a formula model imports JAX, which partitioning never needs
+    from ..models.from_spec import required_columns
 
     columns, numeric = required_columns(spec)
     return partition(spec, out_uri, columns, numeric, worker=worker, workers=workers, log=log)
@@ -123,13 +134,12 @@ def partition(
     log = log or _no_log
     if workers < 1 or not 0 <= worker < workers:
         raise BadInput(f"partition worker {worker} of {workers}: need 0 <= worker < workers")
-    out = open_store(out_uri)
+    layout = FitLayout(out_uri)
+    out, files = layout.store, layout.partition
     fingerprint = spec.fingerprint()
-    done = _read_json(out, MANIFEST)
-    if done is not None:
-        check_fingerprint(done, fingerprint, out.uri(MANIFEST))
+    if done := completed(out, files.manifest, fingerprint):
         log("partition: already complete")
-        return _message(done["rows"], done["groups"])
+        return partition_message(int(done["rows"]), int(done["groups"]))
 
     started = time.monotonic()
     group = spec.group_column
@@ -141,13 +151,11 @@ def partition(
     pa.default_memory_pool().release_unused()  # the counting's memory, before buffering rows
     log(f"partition: plan ({plan.layout}) ready after {time.monotonic() - started:.1f}s")
 
-    marker = f"{WORKERS}/{worker}.json"
-    previous = _read_json(out, marker)
-    if previous is not None:
-        check_fingerprint(previous, fingerprint, out.uri(marker))
+    marker = files.worker(worker)
+    previous = completed(out, marker, fingerprint)
     if previous is None or previous.get("workers") != workers:
         budget = memory_bytes or int(
-            float(os.environ.get("CONSENSUSFIT_PARTITION_MEMORY_MB", DEFAULT_MEMORY_MB)) * 2**20
+            float(os.environ.get(PARTITION_MEMORY_MB, DEFAULT_MEMORY_MB)) * 2**20
         )
         own = [index for index in range(len(inputs.files)) if index % workers == worker]
         stats, own_rows = _write_shards(spec, out, inputs, plan, own, worker, workers, budget, log)
@@ -164,20 +172,19 @@ def partition(
         })
         log(f"partition: worker {worker} wrote its shards after {time.monotonic() - started:.1f}s")
     finalize_partition(spec, out_uri, workers)
-    return _message(plan.rows, plan.groups)
+    return partition_message(int(plan.rows), int(plan.groups))
 
 
 def finalize_partition(spec, out_uri: str, workers: int) -> dict | None:
     """Write the manifest if all `workers` workers are done; the manifest, or None if not yet."""
-    out = open_store(out_uri)
+    layout = FitLayout(out_uri)
+    out, files = layout.store, layout.partition
     fingerprint = spec.fingerprint()
-    existing = _read_json(out, MANIFEST)
-    if existing is not None:
-        check_fingerprint(existing, fingerprint, out.uri(MANIFEST))
+    if existing := completed(out, files.manifest, fingerprint):
         return existing
     reports: dict[int, dict] = {}
-    for key in out.list(f"{WORKERS}/"):
-        report = _read_json(out, key)
+    for key in out.list(files.workers):
+        report = read_json(out, key)
         if (
             report is not None
             and report.get("fingerprint") == fingerprint
@@ -193,17 +200,17 @@ def finalize_partition(spec, out_uri: str, workers: int) -> dict | None:
         written += np.asarray(report["per_shard_rows"], dtype=np.int64)
     if written.tolist() != plan["per_shard_rows"]:
         raise TransientError(
-            f"{out.uri('partition/')}: the workers wrote {written.tolist()} rows per shard, "
+            f"{out.uri(files.prefix)}: the workers wrote {written.tolist()} rows per shard, "
             f"the plan has {plan['per_shard_rows']}"
         )
     stale = sorted(
-        key for key in out.list("partition/")
-        if (match := PART.match(key)) and (int(match.group(1)) >= shards or int(match.group(2)) >= workers)
+        key for key in out.list(files.prefix)
+        if (match := files.PART.match(key)) and (int(match.group(1)) >= shards or int(match.group(2)) >= workers)
     )
     if stale:
         raise BadInput(
-            f"{out.uri('partition/')} holds {len(stale)} shard file(s) of another partitioning "
-            f"(e.g. {stale[0]}); remove partition/ and run again"
+            f"{out.uri(files.prefix)} holds {len(stale)} shard file(s) of another partitioning "
+            f"(e.g. {stale[0]}); remove {files.prefix} and run again"
         )
     merged: dict[str, dict] = {}
     for index in range(workers):
@@ -235,7 +242,7 @@ def finalize_partition(spec, out_uri: str, workers: int) -> dict | None:
         "workers": workers,
         "finished": now(),
     }
-    _write_json(out, MANIFEST, manifest)
+    _write_json(out, files.manifest, manifest)
     return manifest
 
 
@@ -283,8 +290,8 @@ def _inspect_inputs(uri: str, needed: tuple[str, ...], numeric: tuple[str, ...])
     return Inputs(uri, files, rows, schema, offsets)
 
 
-def _plan(spec, inputs: Inputs, worker: int, workers: int) -> Plan:
-    shards, group, seed = spec.shards, spec.group_column, int(spec.sampler["seed"])
+def _plan(spec, inputs: Inputs, worker: int, workers: int) -> Assignment:
+    shards, group, seed = spec.shards, spec.group_column, spec.seeds.partition
     total = sum(inputs.rows)
     mine = np.array([index % workers == worker for index in range(len(inputs.files))])
     own_rows = sum(rows for rows, own in zip(inputs.rows, mine) if own)
@@ -315,13 +322,13 @@ def _plan(spec, inputs: Inputs, worker: int, workers: int) -> Plan:
         empty = np.flatnonzero(per_shard_rows == 0)
         if len(empty):
             raise BadInput(f"{inputs.uri}: {len(empty)} shard(s) of the already-sharded data are empty (shard={empty[0]})")
-        return Plan("sharded", total, groups, per_shard_rows, per_shard_groups, mine_per_shard_rows=mine_rows)
+        return Assignment("sharded", total, groups, per_shard_rows, per_shard_groups, mine_per_shard_rows=mine_rows)
     if not group:
         if total < shards:
             raise BadInput(f"{inputs.uri}: {total} rows, fewer than spec.shards = {shards}")
         per_shard_rows = balance.row_totals(total, shards, seed)
         estimate = np.full(shards, -(-own_rows // shards), dtype=np.int64)
-        return Plan("rows", total, 0, per_shard_rows, np.zeros(shards, dtype=np.int64), mine_per_shard_rows=estimate)
+        return Assignment("rows", total, 0, per_shard_rows, np.zeros(shards, dtype=np.int64), mine_per_shard_rows=estimate)
     counted, own = _count_groups(inputs, group, seed, sharded=False, mine=mine)
     if len(counted.keys) < shards:
         raise BadInput(
@@ -330,7 +337,7 @@ def _plan(spec, inputs: Inputs, worker: int, workers: int) -> Plan:
     hashes = counted.hashes if counted.hashes is not None else balance.key_hashes(counted.keys, seed)
     key_shards = balance.assign_groups(counted.counts, hashes, shards)
     per_shard_rows, per_shard_groups = balance.shard_totals(key_shards, counted.counts, shards)
-    plan = Plan("groups", total, len(counted.keys), per_shard_rows, per_shard_groups)
+    plan = Assignment("groups", total, len(counted.keys), per_shard_rows, per_shard_groups)
     if counted.hashes is not None:
         # Sorted, distinct hashes: a row finds its shard by binary search on its key's hash.
         plan.sorted_hashes, plan.sorted_shards = counted.hashes, key_shards
@@ -343,7 +350,7 @@ def _plan(spec, inputs: Inputs, worker: int, workers: int) -> Plan:
     return plan
 
 
-def _lookup(plan: Plan, keys: pa.Array, seed: int) -> np.ndarray:
+def _lookup(plan: Assignment, keys: pa.Array, seed: int) -> np.ndarray:
     """The shard of every key (all of them keys of the plan)."""
     if plan.sorted_hashes is not None:
         return plan.sorted_shards[np.searchsorted(plan.sorted_hashes, balance.key_hashes(keys, seed))]
@@ -353,7 +360,7 @@ def _lookup(plan: Plan, keys: pa.Array, seed: int) -> np.ndarray:
 def _count_groups(inputs: Inputs, group: str, seed: int, sharded: bool, mine=None):
     """Rows per group over all files, and over this worker's files (`mine`; None: all files).
 
-    Counts by hash (runner/groupcount.py); after a hash collision, counts again by key.
+    Counts by hash (runner/data/groupcount.py); after a hash collision, counts again by key.
     """
     try:
         return _count_with(HashCounter if HASH_COUNT else ExactCounter, inputs, group, seed, sharded, mine)
@@ -383,7 +390,7 @@ def _count_with(counter, inputs: Inputs, group: str, seed: int, sharded: bool, m
     return counted, (own.result() if separate else counted)
 
 
-def _plan_summary(spec, inputs: Inputs, plan: Plan) -> dict:
+def _plan_summary(spec, inputs: Inputs, plan: Assignment) -> dict:
     return {
         "layout": plan.layout,
         "rows": int(plan.rows),
@@ -422,12 +429,12 @@ def _read_batches(
         yield pa.Table.from_batches(pending, schema).combine_chunks().to_batches()[0] if len(pending) > 1 else pending[0]
 
 
-def _shards_of(plan: Plan, spec, file: InputFile, start: int, batch: pa.RecordBatch) -> np.ndarray:
+def _shards_of(plan: Assignment, spec, file: InputFile, start: int, batch: pa.RecordBatch) -> np.ndarray:
     if plan.layout == "sharded":
         return np.full(batch.num_rows, file.shard, dtype=np.int32)
     if plan.layout == "rows":
-        return balance.row_shards(start, batch.num_rows, spec.shards, int(spec.sampler["seed"]))
-    return _lookup(plan, batch.column(spec.group_column), int(spec.sampler["seed"]))
+        return balance.row_shards(start, batch.num_rows, spec.shards, spec.seeds.partition)
+    return _lookup(plan, batch.column(spec.group_column), spec.seeds.partition)
 
 
 def _shard_ranges(rows: np.ndarray, bytes_per_row: float, budget: int) -> list[tuple[int, int]]:
@@ -443,7 +450,7 @@ def _shard_ranges(rows: np.ndarray, bytes_per_row: float, budget: int) -> list[t
     return ranges
 
 
-def _write_shards(spec, out: Store, inputs: Inputs, plan: Plan, own: list[int], worker: int,
+def _write_shards(spec, out: Store, inputs: Inputs, plan: Assignment, own: list[int], worker: int,
                   workers: int, budget: int, log) -> tuple[dict, np.ndarray]:
     shards, group = spec.shards, spec.group_column
     columns = inputs.schema.names
@@ -500,7 +507,7 @@ def _write_shards(spec, out: Store, inputs: Inputs, plan: Plan, own: list[int], 
             )
             sink = io.BytesIO()
             pq.write_table(table, sink)
-            out.write_bytes(f"partition/shard={shard}/part-{worker}.parquet", sink.getvalue())
+            out.write_bytes(FitLayout.partition.part(shard, worker), sink.getvalue())
             written[shard] += table.num_rows
             buffers[offset] = []
         log(f"partition: worker {worker} wrote shards {low}..{high - 1}")
@@ -530,17 +537,6 @@ def _refuse_bad_values(uri: str, stats: dict[str, ColumnStats], rows: int, worke
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _message(rows: int, groups: int) -> dict:
-    return {"ok": True, "rows": int(rows), "groups": int(groups)}
-
-
-def _read_json(store: Store, key: str) -> dict | None:
-    try:
-        return json.loads(store.read_bytes(key))
-    except NotFound:
-        return None
 
 
 def _write_json(store: Store, key: str, document: dict) -> None:

@@ -2,34 +2,48 @@
 
 Users ask "how do I know it is right?": on a sample of their data small enough for one machine, the
 reference fit is the truth the consensus answer should match. Results go to `<root>/reference/`
-(`summary.json`, then `_SUCCESS.json`), and a re-run reuses them.
+(`summary.json`, then `_SUCCESS.json`), and a re-run reuses them. Local `run --reference` only.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 
-from .data import model_and_data, whole_data_stats
-from .sampling import SamplerSettings, run_nuts
-from .completion import completed, mark_complete
-from .shard import parameter_diagnostics
-from .spec import FitSpec
-from .storage import open_store
-from .tempering import resolve_global_sites
+from ..inference.diagnostics import parameter_diagnostics
+from ..inference.nuts import SamplerSettings, run_nuts
+from ..inference.tempering import resolve_global_sites
+from ..layout import SUMMARY, FitLayout
+from ..models.from_spec import model_and_data
+from ..spec import FitSpec
+from ..store.completion import completed, mark_complete
+from .inputs import whole_data_stats
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    data: str | None = None  # default: the spec's whole data set
+
+
+def run(spec: FitSpec, layout: FitLayout, options: ReferenceOptions = ReferenceOptions()) -> dict:
+    """Summaries ({component: mean, sd, q05, q50, q95, rhat, ess_bulk, ess_tail}) of the globals."""
+    store, folder = layout.store, layout.reference
+    fingerprint = spec.fingerprint()
+    if completed(store, folder.marker, fingerprint):
+        return json.loads(store.read_bytes(folder.summary))
+    data_uri = options.data or spec.data["uri"]
+    model, data = model_and_data(spec, whole_data_stats(layout), data_uri, "reference")
+    arguments = model.prepare(data)
+    global_sites = resolve_global_sites(model.fn, arguments, model.prepare(data.doubled()), spec.global_sites)
+    settings = replace(SamplerSettings.from_spec(spec.sampler), seed=spec.seeds.reference)
+    samples = run_nuts(model.fn, arguments, settings, model.data_as_arguments)
+    summary = parameter_diagnostics(samples, global_sites.latent)
+    encoded = json.dumps(summary, indent=1, ensure_ascii=False).encode()
+    store.write_bytes(folder.summary, encoded)
+    mark_complete(store, folder.marker, fingerprint, {SUMMARY: len(encoded)})
+    return summary
 
 
 def reference_fit(spec: FitSpec, root: str) -> dict:
-    """Summaries ({component: mean, sd, q05, q50, q95, rhat, ess_bulk, ess_tail}) of the globals."""
-    folder = open_store(root).child("reference")
-    fingerprint = spec.fingerprint()
-    if completed(folder, fingerprint):
-        return json.loads(folder.read_bytes("summary.json"))
-    model, data = model_and_data(spec, whole_data_stats(root), spec.data["uri"], "reference")
-    arguments = model.prepare(data)
-    global_sites = resolve_global_sites(model.fn, arguments, model.prepare(data.doubled()), spec.global_sites)
-    samples = run_nuts(model.fn, arguments, SamplerSettings.from_spec(spec.sampler), model.data_as_arguments)
-    summary = parameter_diagnostics(samples, global_sites.latent)
-    encoded = json.dumps(summary, indent=1, ensure_ascii=False).encode()
-    folder.write_bytes("summary.json", encoded)
-    mark_complete(folder, fingerprint, {"summary.json": len(encoded)})
-    return summary
+    """`run` under the fit's root URI."""
+    return run(spec, FitLayout(root))

@@ -7,9 +7,9 @@ sampled again (a retried pod returns at once); one completed for another fingerp
 never overwritten.
 
 Several shards in one process (`spec.runner.shardsPerPod`): a model that takes its data as
-arguments (formula models) pads every shard to the fit's shape bucket (runner/buckets.py), and one
+arguments (formula models) pads every shard to the fit's shape bucket (runner/data/buckets.py), and one
 program, compiled once, samples them: all at once, vectorised, on an accelerator; one per core at
-a time, in threads, on a CPU (runner/cores.py). The padding is trimmed off the draws. Other models
+a time, in threads, on a CPU (runner/inference/cores.py). The padding is trimmed off the draws. Other models
 compile per shard. Either way shards are read in background threads while the first compiles, and
 each shard is written in the background while the next one samples.
 """
@@ -22,26 +22,52 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
-from .buckets import Bucket, fit_bucket
-from .completion import completed, mark_complete
-from .cores import cpu_lanes
-from .data import model_rows
-from .diagnostics import summarize
-from .draws import Draws, Site, scalar_components, to_parquet_bytes
-from .errors import BadInput
-from .models import Model, ShardData, model_from_spec
-from .sampling import CompiledNuts, SamplerSettings, Samples, tree_depth
-from .spec import FitSpec
-from .storage import Store, open_store
-from .tempering import GlobalSites, resolve_global_sites, temper
+from ..data.buckets import Bucket, fit_bucket
+from ..data.read import model_rows
+from ..data.shard import ShardData
+from ..errors import BadInput
+from ..inference.cores import cpu_lanes
+from ..inference.diagnostics import parameter_diagnostics
+from ..inference.nuts import CompiledNuts, SamplerSettings, Samples, tree_depth
+from ..inference.tempering import GlobalSites, resolve_global_sites, temper
+from ..layout import DIAGNOSTICS, DRAWS, FitLayout, ShardFolder
+from ..models.base import Model
+from ..models.from_spec import model_from_spec
+from ..spec import FitSpec
+from ..store.completion import completed, mark_complete
+from ..store.draws import Draws, Site, to_parquet_bytes
+from ..store.storage import Store
+from .inputs import partition_manifest, pod_shard_list, whole_data_stats
+from .messages import pod_message, sample_message
 
 IO_THREADS = 4
 
-def shard_seed(seed: int, shard: int) -> int:
-    """Independent, reproducible random streams per shard from one fit seed."""
-    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+
+@dataclass(frozen=True)
+class SampleOptions:
+    shards: list[int] | None = None  # None: those of $JOB_COMPLETION_INDEX
+    shards_per_pod: int = 1
+    vectorize: int | None = None  # shards per call of the compiled sampler
+    data: str | None = None  # the shards' data URI ({shard} replaced); default the partition's
+    stats: str | None = None  # whole-data statistics; default the partition manifest's
+    expect_shards: int | None = None  # a check: the shard count the spec must declare
+
+
+def run(spec: FitSpec, layout: FitLayout, options: SampleOptions = SampleOptions()) -> dict:
+    """The sample step: the pod's shards, sampled and written; the pod's termination message."""
+    if options.expect_shards is not None and spec.shards != options.expect_shards:
+        raise BadInput(f"--shards {options.expect_shards} but the spec declares {spec.shards} shards")
+    shards = pod_shard_list(spec, options.shards, options.shards_per_pod)
+    stats = whole_data_stats(layout, options.stats)
+    # Shard sizes for the shape bucket describe the partition's output, not other data.
+    sizes = None if options.data else (partition_manifest(layout) or {}).get("per_shard")
+    return sample_shards(
+        spec, shards, lambda k: layout.shard_data(k, options.data), stats, layout.root, sizes,
+        vectorize=options.vectorize,
+    )
 
 
 def shard_draws(
@@ -62,38 +88,6 @@ def shard_draws(
     return Draws(samples.constrained, unconstrained, sites, metadata)
 
 
-def parameter_diagnostics(samples: Samples, names: list[str]) -> dict[str, dict]:
-    """Summary and convergence diagnostics of every scalar component of the named sites."""
-    components = scalar_components({name: samples.constrained[name] for name in names})
-    return {component: summarize(values) for component, values in components.items()}
-
-
-def termination_summary(diagnostics: dict) -> dict:
-    parameters = diagnostics["parameters"].values()
-    return {
-        "ok": True,
-        "shard": diagnostics["shard"],
-        "rhatMax": max((p["rhat"] for p in parameters), default=float("nan")),
-        "essBulkMin": min((p["ess_bulk"] for p in parameters), default=float("nan")),
-        "divergences": diagnostics["divergences"],
-        "seconds": round(sum(diagnostics["seconds"].values()), 3),
-    }
-
-
-def pod_summary(summaries: list[dict]) -> dict:
-    """One shard's summary as it is; several shards' as their worst case (the pod's report)."""
-    if len(summaries) == 1:
-        return summaries[0]
-    return {
-        "ok": True,
-        "shards": [s["shard"] for s in summaries],
-        "rhatMax": max(s["rhatMax"] for s in summaries),
-        "essBulkMin": min(s["essBulkMin"] for s in summaries),
-        "divergences": sum(s["divergences"] for s in summaries),
-        "seconds": max(s["seconds"] for s in summaries),
-    }
-
-
 def trimmed(samples: Samples, shapes: dict[str, tuple[int, ...]]) -> Samples:
     """The draws of a padded shard cut back to the shard's own site shapes."""
 
@@ -112,15 +106,15 @@ class LoadedShard:
     """One shard's rows, read and checked (in a background thread)."""
 
     shard: int
-    store: Store
+    folder: ShardFolder
     data: ShardData
     seconds: float
 
 
-def _load(model: Model, spec: FitSpec, shard: int, uri: str, store: Store) -> LoadedShard:
+def _load(model: Model, spec: FitSpec, shard: int, uri: str, folder: ShardFolder) -> LoadedShard:
     started = time.perf_counter()
     data = model_rows(model, spec, uri, f"shard {shard} ({uri})")
-    return LoadedShard(shard, store, data, time.perf_counter() - started)
+    return LoadedShard(shard, folder, data, time.perf_counter() - started)
 
 
 @dataclass
@@ -141,11 +135,13 @@ def _prepare(model: Model, spec: FitSpec, loaded: LoadedShard, bucket: Bucket | 
     unpadded = model.prepare(data)
     global_sites = resolve_global_sites(model.fn, unpadded, model.prepare(data.doubled()), spec.global_sites)
     arguments = model.prepare(data.padded(bucket.rows, bucket.groups)) if bucket else unpadded
-    seed = shard_seed(spec.sampler["seed"], loaded.shard)
+    seed = spec.seeds.sample(loaded.shard)
     return PreparedShard(loaded, global_sites, arguments, seed, loaded.seconds + time.perf_counter() - started)
 
 
-def _write(spec: FitSpec, prepared: PreparedShard, samples: Samples, settings: SamplerSettings, bucket) -> dict:
+def _write(
+    spec: FitSpec, store: Store, prepared: PreparedShard, samples: Samples, settings: SamplerSettings, bucket
+) -> dict:
     """Draws, diagnostics and the marker of one sampled shard; its termination summary."""
     started = time.perf_counter()
     loaded, global_sites = prepared.loaded, prepared.global_sites
@@ -176,16 +172,17 @@ def _write(spec: FitSpec, prepared: PreparedShard, samples: Samples, settings: S
         "seconds": {"load": prepared.seconds, **samples.seconds},
         "programs": samples.programs,
     }
-    loaded.store.write_bytes("draws.parquet", draws_bytes)
+    folder = loaded.folder
+    store.write_bytes(folder.draws, draws_bytes)
     # Write time covers serialising and storing the draws, the bulk of the output.
     diagnostics["seconds"]["write"] = time.perf_counter() - started
     diagnostics["seconds"] = {k: round(v, 3) for k, v in diagnostics["seconds"].items()}
     diagnostics_bytes = json.dumps(diagnostics, indent=1).encode()
-    loaded.store.write_bytes("diagnostics.json", diagnostics_bytes)
+    store.write_bytes(folder.diagnostics, diagnostics_bytes)
     mark_complete(
-        loaded.store, fingerprint, {"draws.parquet": len(draws_bytes), "diagnostics.json": len(diagnostics_bytes)}
+        store, folder.marker, fingerprint, {DRAWS: len(draws_bytes), DIAGNOSTICS: len(diagnostics_bytes)}
     )
-    return termination_summary(diagnostics)
+    return sample_message(diagnostics)
 
 
 def _same_global_sites(prepared: list[PreparedShard]) -> None:
@@ -216,21 +213,20 @@ def sample_shards(
     comparison). `vectorize`: shards per call of the compiled program; default all of them on an
     accelerator, one on a CPU (whose cores a vectorised NUTS step does not fill better than one
     shard's). `lanes`: calls running at once, in threads; default one on an accelerator, one per
-    core on a CPU (`cores.cpu_lanes`). Returns the pod's termination summary (`pod_summary`).
+    core on a CPU (`cores.cpu_lanes`). Returns the pod's termination message (`pod_message`).
     """
-    import jax
-
-    root = open_store(out_uri)
+    layout = FitLayout(out_uri)
+    store = layout.store
     fingerprint = spec.fingerprint()
     summaries: dict[int, dict] = {}
     todo = []
     for k in shards:
         spec.check_shard(k)
-        store = root.child(f"shards/{k}")
-        if completed(store, fingerprint):
-            summaries[k] = termination_summary(json.loads(store.read_bytes("diagnostics.json")))
+        folder = layout.shard(k)
+        if completed(store, folder.marker, fingerprint):
+            summaries[k] = sample_message(json.loads(store.read_bytes(folder.diagnostics)))
         else:
-            todo.append((k, store))
+            todo.append((k, folder))
     if todo:
         model = model_from_spec(spec, stats)
         settings = SamplerSettings.from_spec(spec.sampler)
@@ -238,13 +234,13 @@ def sample_shards(
         width = min(vectorize or (1 if on_cpu else len(todo)), len(todo))
         lanes = lanes or (cpu_lanes() if on_cpu else 1)
         with ThreadPoolExecutor(IO_THREADS) as io:
-            loads = [io.submit(_load, model, spec, k, data_uri(k), store) for k, store in todo]
+            loads = [io.submit(_load, model, spec, k, data_uri(k), folder) for k, folder in todo]
             if model.data_as_arguments and pad:
-                written = _sample_padded(spec, model, stats, settings, loads, shard_sizes, width, lanes, io)
+                written = _sample_padded(spec, store, model, stats, settings, loads, shard_sizes, width, lanes, io)
             else:
-                written = _sample_one_by_one(spec, model, settings, loads, io)
+                written = _sample_one_by_one(spec, store, model, settings, loads, io)
             summaries.update({summary["shard"]: summary for summary in (f.result() for f in written)})
-    return pod_summary([summaries[k] for k in shards])
+    return pod_message([summaries[k] for k in shards])
 
 
 def _sampler(
@@ -256,7 +252,7 @@ def _sampler(
 
 
 def _sample_padded(
-    spec: FitSpec, model: Model, stats, settings: SamplerSettings, loads: list[Future], shard_sizes,
+    spec: FitSpec, store: Store, model: Model, stats, settings: SamplerSettings, loads: list[Future], shard_sizes,
     width: int, lanes: int, io,
 ) -> list[Future]:
     """Every shard padded to one bucket; one program, compiled once, samples `width` shards a
@@ -280,7 +276,7 @@ def _sample_padded(
 
     def sample(batch: list[PreparedShard]) -> list[Future]:
         results = sampler.run([p.arguments for p in batch], [p.seed for p in batch])
-        return [io.submit(_write, spec, p, samples, settings, bucket) for p, samples in zip(batch, results)]
+        return [io.submit(_write, spec, store, p, samples, settings, bucket) for p, samples in zip(batch, results)]
 
     with ThreadPoolExecutor(lanes) as running:
         sampled = []
@@ -296,13 +292,13 @@ def _sample_padded(
             raise
 
 
-def _sample_one_by_one(spec: FitSpec, model: Model, settings, loads: list[Future], io) -> list[Future]:
+def _sample_one_by_one(spec: FitSpec, store: Store, model: Model, settings, loads: list[Future], io) -> list[Future]:
     """Models with their data as constants: one program per shard; the next shard loads meanwhile."""
     written = []
     for future in loads:
         prepared = _prepare(model, spec, future.result(), None)
         samples = _sampler(spec, model, settings, prepared, 1).run([prepared.arguments], [prepared.seed])[0]
-        written.append(io.submit(_write, spec, prepared, samples, settings, None))
+        written.append(io.submit(_write, spec, store, prepared, samples, settings, None))
     return written
 
 

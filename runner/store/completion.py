@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-from .errors import BadInput
+from ..errors import BadInput
 from .storage import NotFound, Store
-
-SUCCESS = "_SUCCESS.json"
-
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -30,18 +27,26 @@ def check_fingerprint(document: dict, fingerprint: str, where: str) -> None:
         )
 
 
-def completed(store: Store, fingerprint: str, marker: str = SUCCESS) -> dict | None:
-    """The marker of a finished step with this fingerprint; None if the step has not finished."""
+def read_json(store: Store, key: str) -> dict | None:
+    """The JSON document at `key`, or None if there is none."""
     try:
-        document = json.loads(store.read_bytes(marker))
+        return json.loads(store.read_bytes(key))
     except NotFound:
         return None
-    check_fingerprint(document, fingerprint, store.uri(marker))
+
+
+def completed(store: Store, marker: str, fingerprint: str) -> dict | None:
+    """The marker (a key, `Folder.marker` of runner/layout.py) of a finished step with this
+    fingerprint; None if the step has not finished."""
+    document = read_json(store, marker)
+    if document is not None:
+        check_fingerprint(document, fingerprint, store.uri(marker))
     return document
 
 
-def mark_complete(store: Store, fingerprint: str, files: dict[str, int], **extra) -> dict:
-    """Write `_SUCCESS.json` naming the step's files and their sizes: the step is complete."""
+def mark_complete(store: Store, marker: str, fingerprint: str, files: dict[str, int], **extra) -> dict:
+    """Write the marker naming the step's files (relative to its folder) and their sizes: the
+    step is complete."""
     document = {"fingerprint": fingerprint, "files": files, **extra, "finished": now()}
-    store.write_bytes(SUCCESS, json.dumps(document, indent=1, ensure_ascii=False).encode())
+    store.write_bytes(marker, json.dumps(document, indent=1, ensure_ascii=False).encode())
     return document

@@ -13,7 +13,6 @@ A prefix whose files all sit under `shard=<k>/` folders is already sharded.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -21,10 +20,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import BadInput, TransientError
+from ..errors import BadInput, TransientError
+from ..layout import SHARD_FOLDER
 from .storage import open_store, split_uri
 
-SHARD_FOLDER = re.compile(r"^shard=(\d+)$")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .errors import BadInput, TransientError
+from ..errors import BadInput, TransientError
 
 T = TypeVar("T")
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from consensusfit.runner import combine
-from consensusfit.runner.covariance import shrunk_covariance
+from consensusfit.runner.combine import methods as combine
+from consensusfit.runner.combine.covariance import shrunk_covariance
 
 METHODS = ("consensus", "gaussian", "swiss")
 

@@ -16,8 +16,8 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.infer.reparam import LocScaleReparam
 
-from consensusfit.runner.resample import resample_groups
-from consensusfit.runner.sampling import SamplerSettings
+from consensusfit.runner.inference.conditional import resample_groups
+from consensusfit.runner.inference.nuts import SamplerSettings
 
 jax.config.update("jax_enable_x64", True)
 

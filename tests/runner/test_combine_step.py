@@ -1,4 +1,4 @@
-"""The combine step (runner/combiner.py): files, supports, refusals, and one real end-to-end run."""
+"""The combine step (runner/steps/combine.py): files, supports, refusals, and one real end-to-end run."""
 
 import json
 
@@ -10,8 +10,8 @@ import pytest
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-from consensusfit.runner.combiner import combine_fit
-from consensusfit.runner.draws import Draws, Site, from_parquet_bytes, to_parquet_bytes
+from consensusfit.runner.steps.combine import combine_fit
+from consensusfit.runner.store.draws import Draws, Site, from_parquet_bytes, to_parquet_bytes
 from consensusfit.runner.errors import BadInput
 from consensusfit.runner.spec import parse
 
@@ -129,7 +129,7 @@ def test_combines_in_unconstrained_space_and_stays_in_support(tmp_path, method):
     summary = json.loads((root / "combined" / "summary.json").read_text())
     assert summary["globals"] == ["mu", "s", "w[0]", "w[1]", "w[2]"]
     for name in summary["globals"]:
-        assert {"mean", "sd", "q05", "q50", "q95", "ess"} <= set(summary["parameters"][name])
+        assert {"mean", "sd", "q05", "q50", "q95", "ess_bulk"} <= set(summary["parameters"][name])
     # group parameters (keep): every group of every shard, named by its label
     assert "a[g2-1]" in summary["parameters"] and "a[g0-0]" in summary["parameters"]
     agreement = json.loads((root / "combined" / "agreement.json").read_text())
@@ -226,7 +226,7 @@ def test_a_finished_combination_is_returned_never_redone_or_overwritten(tmp_path
 
 
 def test_termination_message_fits_in_4_kib():
-    from consensusfit.runner.combiner import termination_message
+    from consensusfit.runner.steps.messages import combine_message as termination_message
 
     stats = {"mean": 1.0, "sd": 0.1, "q05": 0.8, "q50": 1.0, "q95": 1.2}
     message = termination_message("s3://bucket/fit/combined/", {f"beta[{i}]": stats for i in range(500)})
@@ -255,7 +255,7 @@ def test_end_to_end_sample_combine_resample_on_a_conjugate_model(tmp_path):
     is Normal with precision 1/100 + Σ_g n_g/(n_g + 1), and a_g | μ, y ~ N((μ + Σy)/(1 + n_g),
     1/(1 + n_g)).
     """
-    from consensusfit.runner.shard import sample_shard
+    from consensusfit.runner.steps.sample import sample_shard
 
     (tmp_path / "model.py").write_text(CONJUGATE)
     root = tmp_path / "fit"
@@ -311,8 +311,8 @@ def test_agreement_flags_a_collapsed_shard_that_dominates_and_skewed_shards():
     """The failure seen with few groups per shard: a shard whose group-level scale collapses has a
     spuriously narrow posterior on the mean (it dominates the precision) and a skewed one on the
     scale; neither sits far from the combination it dominates, so the distance alone misses it."""
-    from consensusfit.runner.agreement import agreement
-    from consensusfit.runner.combine import consensus
+    from consensusfit.runner.combine.agreement import agreement
+    from consensusfit.runner.combine.methods import consensus
 
     rng = np.random.default_rng(7)
     shards = [rng.normal(0, 1, (2, 1000, 2)) for _ in range(10)]

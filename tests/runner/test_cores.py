@@ -2,8 +2,9 @@
 
 import os
 
-from consensusfit.runner import cores
-from consensusfit.runner.pipeline import shard_environment
+from consensusfit.runner.contract import CPU_LANES
+from consensusfit.runner.inference import cores
+from consensusfit.runner.local.pipeline import shard_environment
 
 
 def test_a_cgroup_quota_caps_the_cores(tmp_path, monkeypatch):
@@ -22,9 +23,9 @@ def test_a_cgroup_quota_caps_the_cores(tmp_path, monkeypatch):
 
 def test_the_environment_overrides_and_the_pipeline_shares_out_the_cores(monkeypatch):
     monkeypatch.setattr(cores, "available_cores", lambda: 8)
-    monkeypatch.delenv(cores.ENVIRONMENT, raising=False)
+    monkeypatch.delenv(CPU_LANES, raising=False)
     assert cores.cpu_lanes() == 8
-    monkeypatch.setenv(cores.ENVIRONMENT, "3")
+    monkeypatch.setenv(CPU_LANES, "3")
     assert cores.cpu_lanes() == 3
-    assert shard_environment(4)[cores.ENVIRONMENT] == "2"
-    assert shard_environment(16)[cores.ENVIRONMENT] == "1"
+    assert shard_environment(4)[CPU_LANES] == "2"
+    assert shard_environment(16)[CPU_LANES] == "1"

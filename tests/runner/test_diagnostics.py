@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from consensusfit.runner.diagnostics import ess_bulk, ess_tail, rhat, split_chains, summarize
+from consensusfit.runner.inference.diagnostics import ess_bulk, ess_tail, rhat, split_chains, summarize
 
 RNG = np.random.default_rng(7)
 

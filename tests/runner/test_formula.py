@@ -14,15 +14,15 @@ from numpyro.infer.util import log_density
 jax.config.update("jax_enable_x64", True)
 
 from consensusfit.runner.errors import BadInput  # noqa: E402
-from consensusfit.runner.formula import (  # noqa: E402
+from consensusfit.runner.models.formula import (  # noqa: E402
     build_structure,
     formula_columns,
     formula_model,
     site_names,
 )
-from consensusfit.runner.formula_parse import parse_formula  # noqa: E402
-from consensusfit.runner.models import ShardData  # noqa: E402
-from consensusfit.runner.tempering import resolve_global_sites  # noqa: E402
+from consensusfit.runner.models.formula_parse import parse_formula  # noqa: E402
+from consensusfit.runner.data.shard import ShardData  # noqa: E402
+from consensusfit.runner.inference.tempering import resolve_global_sites  # noqa: E402
 
 
 def shard_of(columns, group_column="g"):

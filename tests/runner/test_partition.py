@@ -11,11 +11,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from consensusfit.runner import balance
+from consensusfit.runner.data import balance
 from consensusfit.runner.errors import BadInput
-from consensusfit.runner.partition import finalize_partition, partition, partition_fit
+from consensusfit.runner.steps.partition import finalize_partition, partition, partition_fit
 from consensusfit.runner.spec import parse
-from consensusfit.runner.storage import open_store
+from consensusfit.runner.store.storage import open_store
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ("Patient", "Weeks", "FVC")
@@ -456,7 +456,7 @@ def test_partition_from_and_to_s3_equals_local(data, tmp_path, s3_bucket):
 
 
 def test_a_hash_collision_is_detected_and_counting_falls_back_to_keys(data, tmp_path, monkeypatch):
-    from consensusfit.runner import groupcount
+    from consensusfit.runner.data import groupcount
 
     _, folder = data
     spec = make_spec(folder, shards=4)

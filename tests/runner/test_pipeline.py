@@ -80,7 +80,7 @@ def test_run_writes_results_report_and_picture_and_reuses_them(tmp_path, capsys)
 
 
 def test_group_parameters_are_re_sampled_by_one_process_per_shard(tmp_path, capsys, monkeypatch):
-    from consensusfit.runner import combiner
+    from consensusfit.runner.steps import combine as combiner
 
     def in_this_process(*args, **kwargs):
         raise AssertionError("the pipeline re-sampled a shard in its own process")
@@ -94,7 +94,7 @@ def test_group_parameters_are_re_sampled_by_one_process_per_shard(tmp_path, caps
     for k in range(2):
         assert (folder / "combined" / "groups" / str(k) / "_SUCCESS.json").exists()
     summary = json.loads((folder / "combined" / "summary.json").read_text())
-    assert summary["groupParameters"] == "resample" and "alpha[grp00]" in summary["parameters"]
+    assert summary["group_parameters"] == "resample" and "alpha[grp00]" in summary["parameters"]
 
 
 def test_a_changed_spec_is_a_new_folder_and_never_overwrites(tmp_path):
@@ -146,7 +146,7 @@ def test_a_bad_input_shard_stops_the_run_with_its_reason(tmp_path, capsys):
 
 
 def test_run_with_data_and_results_on_s3(tmp_path, s3_bucket):
-    from consensusfit.runner.storage import open_store
+    from consensusfit.runner.store.storage import open_store
 
     path = small_fit(tmp_path, shards=2, samples=100)
     open_store(f"{s3_bucket}/input").write_bytes("data.parquet", (tmp_path / "data.parquet").read_bytes())

@@ -8,7 +8,7 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 from consensusfit.runner.errors import BadInput  # noqa: E402
-from consensusfit.runner.priors import (  # noqa: E402
+from consensusfit.runner.models.priors import (  # noqa: E402
     CORRELATION,
     POSITIVE,
     REAL,

@@ -10,8 +10,8 @@ import yaml
 from scipy import stats
 
 from consensusfit.runner.cli import main
-from consensusfit.runner.draws import from_parquet_bytes
-from consensusfit.runner.storage import open_store
+from consensusfit.runner.store.draws import from_parquet_bytes
+from consensusfit.runner.store.storage import open_store
 
 MODEL = '''
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ from numpyro.infer import MCMC, NUTS
 
 jax.config.update("jax_enable_x64", True)
 
-from consensusfit.runner.sampling import CompiledNuts, SamplerSettings, run_nuts  # noqa: E402
+from consensusfit.runner.inference.nuts import CompiledNuts, SamplerSettings, run_nuts  # noqa: E402
 
 
 def hierarchical(y, group, groups: int):

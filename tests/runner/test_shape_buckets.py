@@ -16,15 +16,15 @@ from numpyro.infer.util import log_density
 
 jax.config.update("jax_enable_x64", True)
 
-from consensusfit.runner.buckets import bucket_size, fit_bucket  # noqa: E402
+from consensusfit.runner.data.buckets import bucket_size, fit_bucket  # noqa: E402
 from consensusfit.runner.cli import main  # noqa: E402
-from consensusfit.runner.draws import from_parquet_bytes  # noqa: E402
-from consensusfit.runner.formula import formula_model  # noqa: E402
-from consensusfit.runner.models import ShardData  # noqa: E402
+from consensusfit.runner.store.draws import from_parquet_bytes  # noqa: E402
+from consensusfit.runner.models.formula import formula_model  # noqa: E402
+from consensusfit.runner.data.shard import ShardData  # noqa: E402
 from consensusfit.runner.spec import parse  # noqa: E402
-from consensusfit.runner.shard import sample_shards  # noqa: E402
-from consensusfit.runner.storage import open_store  # noqa: E402
-from consensusfit.runner.tempering import site_shapes, trace_model  # noqa: E402
+from consensusfit.runner.steps.sample import sample_shards  # noqa: E402
+from consensusfit.runner.store.storage import open_store  # noqa: E402
+from consensusfit.runner.inference.tempering import site_shapes, trace_model  # noqa: E402
 
 
 def test_buckets_bound_the_padding_and_are_few():

@@ -3,7 +3,7 @@
 import pytest
 
 from consensusfit.runner.errors import BadInput, TransientError
-from consensusfit.runner.storage import (
+from consensusfit.runner.store.storage import (
     LocalStore,
     NotFound,
     RetryBudget,

@@ -19,8 +19,9 @@ from numpyro.primitives import Messenger
 from scipy import stats
 
 from consensusfit.runner.errors import BadInput
-from consensusfit.runner.models import ShardData, python_model
-from consensusfit.runner.tempering import resolve_global_sites, temper, trace_model
+from consensusfit.runner.data.shard import ShardData
+from consensusfit.runner.models.python import python_model
+from consensusfit.runner.inference.tempering import resolve_global_sites, temper, trace_model
 
 K = 7
 RNG = np.random.default_rng(1)
@@ -68,7 +69,7 @@ def test_conjugate_shard_densities_multiply_to_the_closed_form_posterior():
 
 
 class temper_named_site_only(Messenger):
-    """The mistake DESIGN.md warns about: scale the named site but not its Jacobian factor."""
+    """The mistake runner/inference/tempering.py guards against: scale the named site but not its Jacobian factor."""
 
     def __init__(self, fn, sites, scale):
         self.sites, self.scale = sites, scale

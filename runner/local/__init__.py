@@ -1,0 +1,1 @@
+"""Local use: the pipeline of `consensusfit run`, the report, plots and simulated data."""

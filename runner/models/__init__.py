@@ -1,0 +1,1 @@
+"""Models: the interface, Python models, formula models (parse, design, model) and priors."""

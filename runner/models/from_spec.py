@@ -1,0 +1,36 @@
+"""The model a spec declares: a Python model or a formula model, and the columns it reads."""
+
+from __future__ import annotations
+
+from ..data.read import model_rows
+from ..data.shard import ShardData
+from .base import Model
+from .formula import formula_columns, formula_model
+from .python import python_model, read_source
+
+
+def model_from_spec(spec, stats: dict | None) -> Model:
+    """The model a `FitSpec` declares (relative paths were resolved when the spec was loaded)."""
+    python = spec.model.get("python")
+    if python:
+        source = read_source(python["uri"])
+        return python_model(source, python["uri"], python["function"], spec.group_column, stats)
+    return formula_model(spec.model, spec.group_column, stats or {}, spec.shards)
+
+
+def required_columns(spec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(columns the model reads, those of them that must be numeric), known before any data.
+
+    Partitioning checks these over the whole data set, before any shard is sampled.
+    """
+    python = spec.model.get("python")
+    if python:
+        model = model_from_spec(spec, None)
+        return model.columns, model.numeric
+    return formula_columns(spec.model)
+
+
+def model_and_data(spec, stats: dict | None, uri: str, where: str) -> tuple[Model, ShardData]:
+    """The spec's model and the checked rows at `uri` it will be fed."""
+    model = model_from_spec(spec, stats)
+    return model, model_rows(model, spec, uri, where)
