@@ -10,7 +10,10 @@ things live inside `runner/`): simulate the data, then `consensusfit run` of
 and prints the SHA-256 of every `shards/<k>/draws.parquet`, `combined/draws.parquet` and
 `combined/groups/<k>/draws.parquet`, as JSON. With `--compare FILE` (an earlier output) it exits
 1 and names the files whose hashes differ. Hashes are of the Parquet bytes, so they hold on one
-machine and library set, not across platforms: record before a change, compare after.
+machine and library set, not across platforms: record before a change, compare after. The draws'
+metadata holds the fit's fingerprint, which covers the data and model paths, so the fits run in
+one fixed folder (`--folder`, emptied first) with their own copy of the model file: two
+checkouts then write the same bytes.
 
     .venv/bin/python benchmarks/bit_identical.py > /tmp/before.json
     # ... change the code ...
@@ -23,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,7 +48,7 @@ FITS = {
     "fvc-python": {
         "data": {"uri": "data/osic.parquet", "groupColumn": "Patient"},
         "shards": 3,
-        "model": {"python": {"uri": str(REPO / "examples" / "fvc_model.py"), "function": "model"}},
+        "model": {"python": {"uri": "fvc_model.py", "function": "model"}},
         "combine": {"method": "gaussian", "groupParameters": "keep"},
     },
 }
@@ -63,6 +67,7 @@ def digests(root: Path) -> dict[str, str]:
 
 
 def run_all(folder: Path, workers: int) -> dict[str, dict[str, str]]:
+    shutil.copy(REPO / "examples" / "fvc_model.py", folder / "fvc_model.py")
     consensusfit("simulate", "sleep", "osic", "--folder", str(folder / "data"), "--seed", "0", cwd=folder)
     results = {}
     for name, spec in FITS.items():
@@ -85,10 +90,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", help="an earlier output of this script")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "consensusfit-bit-identical"),
+                        help="where the fits run (emptied first; default: in the temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("CONSENSUSFIT_PRECISION", "float64")
-    with tempfile.TemporaryDirectory() as folder:
-        results = run_all(Path(folder), args.workers)
+    folder = Path(args.folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    results = run_all(folder, args.workers)
     print(json.dumps(results, indent=1, sort_keys=True))
     if not args.compare:
         return 0
