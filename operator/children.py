@@ -29,6 +29,7 @@ from consensusfit.runner.contract import (
 )
 
 from . import labels
+from .observe import DISRUPTION_TARGET
 
 GROUP, VERSION, KIND = "consensusfit.dev", "v1alpha1", "ConsensusFit"
 # The steps in order: the value of the label `consensusfit.dev/step` on their Jobs and pods.
@@ -49,7 +50,9 @@ PER_SHARD_STEPS = tuple(step for step in STEPS if _COMMAND[step][0] in contract.
 _RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output")
 # The one writable folder of a runner pod (an emptyDir): its root filesystem is read-only, and the
 # runner image points HOME, TMPDIR and XDG_CACHE_HOME here.
-_SCRATCH = "/tmp"
+_SCRATCH_VOLUME, _SCRATCH = "scratch", "/tmp"
+# The volume `spec.runner.compilationCache` (shared by the per-shard pods), mounted at COMPILATION_CACHE_MOUNT.
+_CACHE_VOLUME = "compilation-cache"
 
 
 def job_name(fit_name: str, step: str) -> str:
@@ -110,6 +113,11 @@ def _quantities(resources: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
     return {kind: {name: str(value) for name, value in amounts.items()} for kind, amounts in resources.items()}
 
 
+def _compilation_cache(step: str, runner: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The volume of `spec.runner.compilationCache`, for the per-shard steps (they compile NUTS)."""
+    return runner.get("compilationCache") if step in PER_SHARD_STEPS else None
+
+
 def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
     subcommand, options = _COMMAND[step]
     packed = step == SAMPLE and shards_per_pod(fit) > 1
@@ -118,16 +126,16 @@ def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], ima
     command = [
         "consensusfit-runner", subcommand, "--spec", runner_spec_json(fit), "--out", result_root(fit), *options,
     ]
-    env, mounts = list(runner.get("env", [])), [{"name": "scratch", "mountPath": _SCRATCH}]
+    env, mounts = list(runner.get("env", [])), [{"name": _SCRATCH_VOLUME, "mountPath": _SCRATCH}]
     requests_cpu = "cpu" in runner.get("resources", {}).get("requests", {})
     if packed and requests_cpu and not any(e.get("name") == CPU_LANES for e in env):
         # A pod of several shards samples one per core on a CPU; the cores it may use are its CPU
         # request (rounded up), which, unlike a limit, the runner cannot see in its cgroup.
         field = {"containerName": RUNNER_CONTAINER, "resource": "requests.cpu", "divisor": "1"}
         env.append({"name": CPU_LANES, "valueFrom": {"resourceFieldRef": field}})
-    if step in PER_SHARD_STEPS and runner.get("compilationCache"):
+    if _compilation_cache(step, runner):
         env.append({"name": COMPILATION_CACHE, "value": COMPILATION_CACHE_MOUNT})
-        mounts.append({"name": "compilation-cache", "mountPath": COMPILATION_CACHE_MOUNT})
+        mounts.append({"name": _CACHE_VOLUME, "mountPath": COMPILATION_CACHE_MOUNT})
     container = {
         "name": RUNNER_CONTAINER,
         "image": runner.get("image") or image,
@@ -154,11 +162,11 @@ def _pod_spec(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], imag
         # podFailurePolicy requires Never: every retry is a new pod the Job controller counts.
         "restartPolicy": "Never",
         "containers": [_container(fit, step, runner, image)],
-        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "volumes": [{"name": _SCRATCH_VOLUME, "emptyDir": {}}],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    if step in PER_SHARD_STEPS and runner.get("compilationCache"):
-        pod["volumes"].append({"name": "compilation-cache", **runner["compilationCache"]})
+    if cache := _compilation_cache(step, runner):
+        pod["volumes"].append({"name": _CACHE_VOLUME, **cache})
     for key in ("nodeSelector", "tolerations", "priorityClassName", "serviceAccountName"):
         if runner.get(key):
             pod[key] = runner[key]
@@ -177,7 +185,7 @@ def _failure_policy(action: str) -> dict:
                     "values": list(NO_RETRY_EXIT_CODES),
                 },
             },
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "Ignore", "onPodConditions": [{"type": DISRUPTION_TARGET}]},
         ]
     }
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .children import SAMPLE
 from .observe import JobView, PodView, parse_time
 from .planner import Plan, TERMINAL_PHASES
 
@@ -108,7 +109,7 @@ class Metrics:
         if plan.exited and state["phase"] in TERMINAL_PHASES and start and end:
             self.fit_duration.labels(namespace, state["phase"]).observe((end - start).total_seconds())
         for pod in plan.finished:
-            if pod.step == "sample" and pod.phase == "Succeeded" and pod.started and pod.finished:
+            if pod.step == SAMPLE and pod.phase == "Succeeded" and pod.started and pod.finished:
                 seconds = (pod.report or {}).get("seconds", (pod.finished - pod.started).total_seconds())
                 self.shard_duration.labels(namespace, name).observe(seconds)
         first = _first_attempts(pods)
@@ -117,7 +118,7 @@ class Metrics:
             since = job.created if pod.uid in first and job else pod.created
             if since is not None:
                 self.queue_wait.labels(namespace, name).observe(max(0.0, (pod.started - since).total_seconds()))
-        shard_pods = [p for p in pods if p.step == "sample"]
+        shard_pods = [p for p in pods if p.step == SAMPLE]
         self._fits[namespace, name] = FitSnapshot(
             phase=state["phase"],
             retries=len(shard_pods) - len({p.index for p in shard_pods}),

@@ -18,6 +18,8 @@ from . import labels
 
 # Set by the Job controller on the pods of an Indexed Job.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# The pod condition of a pod preempted, evicted or on a node gone (retried without counting).
+DISRUPTION_TARGET = "DisruptionTarget"
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -133,7 +135,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         finished=parse_time(terminated.get("finishedAt")),
         exit_code=terminated.get("exitCode"),
         disrupted=any(
-            c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+            c.get("type") == DISRUPTION_TARGET and c.get("status") == "True"
             for c in status.get("conditions") or []
         ),
         report=parse_report(terminated.get("message")),

@@ -213,19 +213,19 @@ def _suspend_patch(suspend: bool) -> dict:
 
 
 def _phase_starts(fit: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, datetime | None]:
-    """When each running phase began, from timestamps the status already keeps."""
+    """When each running phase began, from timestamps the status already keeps: a phase after the
+    first began when the last step of the phase before it set its condition."""
     conditions = status.get("conditions", [])
-
-    def since(kind: str) -> datetime | None:
-        condition = find(conditions, kind)
-        return parse_time(condition["lastTransitionTime"]) if condition else None
-
-    return {
+    starts = {
         "Pending": parse_time(fit["metadata"].get("creationTimestamp")),
         "Partitioning": parse_time(status.get("startTime")),
-        "Sampling": since("Partitioned"),
-        "Combining": since("Sampled"),
     }
+    steps = list(_STEPS.values())
+    for before, step in zip(steps, steps[1:]):
+        if step.phase != before.phase:
+            condition = find(conditions, before.condition)
+            starts[step.phase] = parse_time(condition["lastTransitionTime"]) if condition else None
+    return starts
 
 
 def _exited(
