@@ -63,7 +63,7 @@ app.kubernetes.io/part-of: consensusfit
 
 {{/*
 CONSENSUSFIT_RUNNER_DEFAULTS: spec.runner defaults for every fit, merged under the fit's own
-spec.runner by the operator (consensusfit.operator.children.deep_merge). The runner ServiceAccount
+spec.runner by the operator (deep_merge of consensusfit.runner.contract). The runner ServiceAccount
 is a default only when the operator watches listed namespaces, since a ServiceAccount exists per
 namespace and a pod naming an absent one is never created.
 */}}
