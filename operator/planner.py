@@ -297,7 +297,7 @@ def _suspension(
     patches = tuple(
         (job.name, _suspend_patch(suspend))
         for job in unfinished
-        if (not job.suspended if suspend else job.suspended and job.suspended_by_fit)
+        if (not job.suspended if suspend else job.suspended and job.suspended_by_fit)  # resume only ours
     )
     if suspend == is_true(conditions, "Suspended"):
         return Suspension(patches, conditions)
