@@ -5,10 +5,16 @@ Steps, in order, each one Job: partition, sample (Indexed, one pod per shard), g
 and combine (`combine --stage finish`). Re-sampling is a Job of its own so that its per-shard NUTS
 runs in parallel, like sampling, rather than in the one combine pod.
 
-Names are deterministic (`<fit>-partition`, `<fit>-shards`, `<fit>-globals`, `<fit>-resample`,
-`<fit>-combine`) so that creating a Job twice, after a restart or from a stale view, is a harmless
-conflict and never a duplicate. No suffix is longer than `-partition`, which the CRD's 53-character
-limit on fit names allows for.
+An EP fit (`spec.combine.method: ep` with more than one shard) samples in rounds instead of once:
+pilot, then for r = 1, 2, ... `round-<r>` (Indexed, shaped as sample: `sample --round r`) and
+`update-<r>` (`update --round r`), up to spec.combine.maxRounds; the planner stops after the update
+that says `final`. A round's step is its Job's suffix and label (`round-3`, `update-3`).
+
+Names are deterministic (`<fit>-partition`, `<fit>-shards`, `<fit>-pilot`, `<fit>-round-<r>`,
+`<fit>-update-<r>`, `<fit>-globals`, `<fit>-resample`, `<fit>-combine`) so that creating a Job
+twice, after a restart or from a stale view, is a harmless conflict and never a duplicate. No
+suffix is longer than `-partition` (`-update-99`: the CRD caps maxRounds at 99), which the CRD's
+53-character limit on fit names allows for.
 """
 
 from __future__ import annotations
@@ -35,17 +41,24 @@ GROUP, VERSION, KIND = "consensusfit.dev", "v1alpha1", "ConsensusFit"
 # The steps in order: the value of the label `consensusfit.dev/step` on their Jobs and pods.
 PARTITION, SAMPLE, GLOBALS, RESAMPLE, COMBINE = "partition", "sample", "globals", "resample", "combine"
 STEPS = (PARTITION, SAMPLE, GLOBALS, RESAMPLE, COMBINE)
+# EP: the pilot, and the two kinds of step every round has (`round-<r>`, `update-<r>`).
+PILOT, ROUND, UPDATE = "pilot", "round", "update"
 _SUFFIX = {PARTITION: "partition", SAMPLE: "shards", GLOBALS: "globals", RESAMPLE: "resample", COMBINE: "combine"}
-# The runner command of each step (docs/contract.md), before `--spec` and `--out`, and after them.
+# The runner command of each kind of step (docs/contract.md), before `--spec` and `--out`, and after them.
 _COMMAND = {
     PARTITION: (contract.PARTITION, ()),
     SAMPLE: (contract.SAMPLE, ()),
+    PILOT: (contract.PILOT, ()),
+    ROUND: (contract.SAMPLE, ()),  # + --round r
+    UPDATE: (contract.UPDATE, ()),  # + --round r
     GLOBALS: (contract.COMBINE, ("--stage", contract.GLOBALS_STAGE)),
     RESAMPLE: (contract.RESAMPLE, ()),
     COMBINE: (contract.COMBINE, ("--stage", contract.FINISH_STAGE)),
 }
-# Steps with one pod per shard (Indexed Jobs; the runner takes the shard from the completion index).
-PER_SHARD_STEPS = tuple(step for step in STEPS if _COMMAND[step][0] in contract.PER_SHARD_COMMANDS)
+# Kinds of step with one pod per shard (Indexed Jobs; the runner takes the shard from the completion
+# index), and those that sample shards (they pack spec.runner.shardsPerPod shards into a pod).
+_PER_SHARD = tuple(kind for kind, (command, _) in _COMMAND.items() if command in contract.PER_SHARD_COMMANDS)
+_SAMPLING = (SAMPLE, ROUND)
 # The parts of the spec the runner reads; pod settings and suspension are not its business.
 _RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output")
 # The one writable folder of a runner pod (an emptyDir): its root filesystem is read-only, and the
@@ -55,14 +68,51 @@ _SCRATCH_VOLUME, _SCRATCH = "scratch", "/tmp"
 _CACHE_VOLUME = "compilation-cache"
 
 
+def round_step(kind: str, number: int) -> str:
+    """The step of round `number` of `kind` (ROUND or UPDATE): `round-3`, `update-3`."""
+    return f"{kind}-{number}"
+
+
+def parse_step(step: str) -> tuple[str, int | None]:
+    """A step's kind and round: ("round", 3) for `round-3`; (step, None) for a step without rounds."""
+    kind, _, number = step.rpartition("-")
+    return (kind, int(number)) if kind in (ROUND, UPDATE) and number.isdigit() else (step, None)
+
+
+def is_per_shard(step: str) -> bool:
+    return parse_step(step)[0] in _PER_SHARD
+
+
+def samples_shards(step: str) -> bool:
+    """Whether the step samples the shards' posteriors: sample, or an EP round."""
+    return parse_step(step)[0] in _SAMPLING
+
+
 def job_name(fit_name: str, step: str) -> str:
-    return f"{fit_name}-{_SUFFIX[step]}"
+    return f"{fit_name}-{_SUFFIX.get(step, step)}"
+
+
+def uses_rounds(fit: Mapping[str, Any]) -> bool:
+    """EP samples in rounds; with one shard it is one-shot (the shard's posterior is the answer)."""
+    spec = fit["spec"]
+    return spec.get("combine", {}).get("method", contract.EP) == contract.EP and spec["shards"] > 1
+
+
+def max_rounds(fit: Mapping[str, Any]) -> int:
+    """spec.combine.maxRounds (the CRD's default fills it in)."""
+    return int(fit["spec"].get("combine", {}).get("maxRounds", 8))
 
 
 def steps(fit: Mapping[str, Any]) -> tuple[str, ...]:
-    """The fit's steps in order: with `groupParameters: keep` there is nothing to re-sample."""
+    """The fit's steps in order: with `groupParameters: keep` there is nothing to re-sample; an EP
+    fit has, instead of sample, the pilot and every round it may need (the planner stops early)."""
     keep = fit["spec"].get("combine", {}).get("groupParameters") == "keep"
-    return tuple(step for step in STEPS if not (keep and step == RESAMPLE))
+    sampling: tuple[str, ...] = (SAMPLE,)
+    if uses_rounds(fit):
+        rounds = range(1, max_rounds(fit) + 1)
+        sampling = (PILOT, *(round_step(kind, r) for r in rounds for kind in (ROUND, UPDATE)))
+    order = (PARTITION, *sampling, *STEPS[STEPS.index(SAMPLE) + 1 :])
+    return tuple(step for step in order if not (keep and step == RESAMPLE))
 
 
 def shards_per_pod(fit: Mapping[str, Any]) -> int:
@@ -71,8 +121,8 @@ def shards_per_pod(fit: Mapping[str, Any]) -> int:
 
 
 def pods(fit: Mapping[str, Any], step: str) -> int:
-    """Pods (completion indexes) of a per-shard step: sample packs shardsPerPod shards per pod."""
-    per_pod = shards_per_pod(fit) if step == SAMPLE else 1
+    """Pods (completion indexes) of a per-shard step: sampling packs shardsPerPod shards per pod."""
+    per_pod = shards_per_pod(fit) if samples_shards(step) else 1
     return -(-fit["spec"]["shards"] // per_pod)
 
 
@@ -115,12 +165,15 @@ def _quantities(resources: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
 
 def _compilation_cache(step: str, runner: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The volume of `spec.runner.compilationCache`, for the per-shard steps (they compile NUTS)."""
-    return runner.get("compilationCache") if step in PER_SHARD_STEPS else None
+    return runner.get("compilationCache") if is_per_shard(step) else None
 
 
 def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
-    subcommand, options = _COMMAND[step]
-    packed = step == SAMPLE and shards_per_pod(fit) > 1
+    kind, number = parse_step(step)
+    subcommand, options = _COMMAND[kind]
+    if number is not None:
+        options = (*options, "--round", str(number))
+    packed = samples_shards(step) and shards_per_pod(fit) > 1
     if packed:
         options = (*options, "--shards-per-pod", str(shards_per_pod(fit)))
     command = [
@@ -206,7 +259,7 @@ def job_manifest(
         **own,
     }
     retries = spec["maxRetriesPerShard"]
-    if step in PER_SHARD_STEPS:
+    if is_per_shard(step):
         count = pods(fit, step)
         job_spec = {
             "completionMode": "Indexed",

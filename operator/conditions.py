@@ -21,10 +21,10 @@ def is_true(conditions: Sequence[dict], kind: str) -> bool:
 
 
 def set_condition(
-    conditions: Sequence[dict], kind: str, true: bool, reason: str, message: str, now: datetime
+    conditions: Sequence[dict], kind: str, true: bool | None, reason: str, message: str, now: datetime
 ) -> list[dict]:
-    """A new list with the condition set; lastTransitionTime moves only when the status flips."""
-    status = "True" if true else "False"
+    """A new list with the condition set (None: Unknown); lastTransitionTime moves only when the status flips."""
+    status = "Unknown" if true is None else "True" if true else "False"
     old = find(conditions, kind)
     moved = old is None or old.get("status") != status
     condition = {

@@ -10,6 +10,12 @@ Combining spans three Jobs (children.py): globals, resample (one pod per shard) 
 Conditions: Partitioned, Sampled, GlobalsCombined, GroupsResampled (only for fits that re-sample
 their group-level parameters), Succeeded, Failed, Suspended.
 
+An EP fit's Sampling spans the pilot and its rounds (a round Job, then its update), with the
+conditions Piloted, Sampled and Updated (their messages name the latest round), `status.rounds`
+and, once an update says `final`, Converged (False with reason MaxRoundsReached when EP stopped at
+maxRounds without converging). The next round is created only once the update's termination
+message says `final: false`; the round in progress is read from the Jobs that exist.
+
 A pass applies named policies in order, as JobSet's reconcile does, each a small pure function of
 what is observed: `_suspension` (spec.suspend on the Jobs and the Suspended condition),
 `_deadline` (activeDeadlineSeconds), `_advance` (walk the steps, which are data: `sequence`),
@@ -20,6 +26,7 @@ what is observed: `_suspension` (spec.suspend on the Jobs and the Suspended cond
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,19 +45,33 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 class Step:
     """One step of a fit as the planner walks it: its Job, and what the Job's end means for the fit."""
 
-    name: str  # the step (children.STEPS): its Job's label, how `jobs` is keyed
+    name: str  # the step (children.steps): its Job's label, how `jobs` is keyed
     phase: str  # the fit's phase while the step runs
     condition: str  # set True when its Job completes, with `reason`
     reason: str
     failure: str  # the reason of the Failed condition when its Job fails
-    # The condition's message, formatted with its pod's report and spec.shards; None: the result's URI.
+    # The condition's message, formatted with its pod's report, spec.shards and the round; None: the
+    # result's URI.
     message: str | None = None
+    round: int | None = None  # the EP round the step belongs to
+    # Its report says whether the rounds end here (`final`): then the walk skips the remaining
+    # rounds' steps and sets Converged; without a readable report, it waits.
+    gate: bool = False
 
+
+CONVERGED = "Converged"
 
 _STEPS = {step.name: step for step in (
     Step(children.PARTITION, "Partitioning", "Partitioned", "PartitionSucceeded", "PartitionFailed",
          "partitioned {rows} rows in {groups} groups"),
     Step(children.SAMPLE, "Sampling", "Sampled", "ShardsSucceeded", "ShardFailed", "{shards} shards sampled"),
+    Step(children.PILOT, "Sampling", "Piloted", "PilotSucceeded", "PilotFailed",
+         "pilot sampled (R-hat {rhatMax:.3f}): every site starts from its draws"),
+    Step(children.ROUND, "Sampling", "Sampled", "RoundSampled", "ShardFailed",
+         "round {round}: {shards} shards sampled"),
+    Step(children.UPDATE, "Sampling", "Updated", "RoundUpdated", "UpdateFailed",
+         "round {round}: the means moved {meanChange:.3g} SD and the SDs {sdChange:.3g} (damping {damping:.3g})",
+         gate=True),
     Step(children.GLOBALS, "Combining", "GlobalsCombined", "GlobalsSucceeded", "CombineFailed",
          "{draws} combined draws of the global parameters ({warnings} warnings)"),
     Step(children.RESAMPLE, "Combining", "GroupsResampled", "ResampleSucceeded", "ResampleFailed",
@@ -63,14 +84,20 @@ def sequence(fit: Mapping[str, Any]) -> tuple[Step, ...]:
     """The fit's steps in the order `_advance` walks them, derived from its spec alone.
 
     The walk knows nothing of particular steps, so a step that repeats (one per round) is more
-    entries here, each with a Job name of its own.
+    entries here, each with a Job name of its own: every round up to maxRounds, the walk stopping
+    at the gate (the update) that says `final`.
     """
-    return tuple(_STEPS[name] for name in children.steps(fit))
+    return tuple(_step(name) for name in children.steps(fit))
+
+
+def _step(name: str) -> Step:
+    kind, number = children.parse_step(name)
+    return _STEPS[name] if number is None else dataclasses.replace(_STEPS[kind], name=name, round=number)
 
 
 # The status fields this operator owns; anything else there (another tool's) is left alone.
 STATUS_FIELDS = (
-    "observedGeneration", "phase", "conditions", "shards", "resample", "startTime", "completionTime",
+    "observedGeneration", "phase", "conditions", "shards", "resample", "rounds", "startTime", "completionTime",
     "diagnostics", "result",
 )
 
@@ -154,7 +181,8 @@ def diagnostics(pods: Sequence[PodView]) -> dict[str, Any] | None:
     reports: dict[int, dict] = {}
     for pod in sorted(pods, key=_finish_time):  # a later report of a shard wins
         report = pod.report or {}
-        if pod.step == children.SAMPLE and report.get("ok") and all(k in report for k in _DIAGNOSTIC_KEYS):
+        if children.samples_shards(pod.step) and report.get("ok") and all(k in report for k in _DIAGNOSTIC_KEYS):
+            # An EP round's report of a shard replaces the round's before.
             reports[pod.index if pod.index is not None else report.get("shard")] = report
     if not reports:
         return None
@@ -168,7 +196,10 @@ def diagnostics(pods: Sequence[PodView]) -> dict[str, Any] | None:
 
 
 def _describe_pod(pod: PodView) -> str:
-    where = f"shard {pod.index}" if pod.index is not None else pod.step
+    kind, number = children.parse_step(pod.step)
+    where = f"shard {pod.index}" if pod.index is not None else kind
+    if number is not None:
+        where = f"round {number}: {where}"
     report = pod.report or {}
     why = f"{report.get('reason', 'Error')}: {report.get('message', 'no message')}"
     return f"{where} (pod {pod.name}): {why} (exit {pod.exit_code})"
@@ -179,7 +210,10 @@ def _failure_message(job: JobView, pods: Sequence[PodView]) -> str:
     failed = [p for p in pods if p.step == job.step and p.phase == "Failed" and not p.disrupted]
     latest = max(failed, key=_finish_time, default=None)
     job_reason = f"Job {job.name} failed ({job.reason or 'unknown reason'})"
-    return f"{_describe_pod(latest)}; {job_reason}" if latest else f"{job_reason}: {job.message}"
+    if latest:
+        return f"{_describe_pod(latest)}; {job_reason}"
+    number = children.parse_step(job.step)[1]
+    return f"{'' if number is None else f'round {number}: '}{job_reason}: {job.message}"
 
 
 def _report_of(step: str, pods: Sequence[PodView]) -> dict:
@@ -191,9 +225,9 @@ def _done_message(step: Step, fit: Mapping[str, Any], pods: Sequence[PodView]) -
     report = _report_of(step.name, pods)
     if step.message is not None:
         try:
-            return step.message.format_map({**report, "shards": fit["spec"]["shards"]})
-        except KeyError:  # its pod is gone (deleted, or the operator was down): no report to quote
-            return f"{step.name} Job complete"
+            return step.message.format_map({**report, "shards": fit["spec"]["shards"], "round": step.round})
+        except (KeyError, TypeError, ValueError):  # its pod is gone (deleted, or the operator was
+            return f"{step.name} Job complete"  # down), or a value is null: no report to quote
     truncated = " (summary truncated)" if report.get("truncated") else ""
     return f"combined into {_result(fit, pods)['uri']}{truncated}"
 
@@ -220,10 +254,12 @@ def _phase_starts(fit: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str
         "Pending": parse_time(fit["metadata"].get("creationTimestamp")),
         "Partitioning": parse_time(status.get("startTime")),
     }
-    steps = list(_STEPS.values())
+    steps = sequence(fit)
     for before, step in zip(steps, steps[1:]):
         if step.phase != before.phase:
-            condition = find(conditions, before.condition)
+            # EP's rounds end with the gate that sets Converged (the Updated condition was set first
+            # by the first round's update).
+            condition = find(conditions, CONVERGED if before.gate else before.condition)
             starts[step.phase] = parse_time(condition["lastTransitionTime"]) if condition else None
     return starts
 
@@ -329,6 +365,7 @@ class Progress:
     create: bool = False  # `at`'s Job is missing and is to be created
     failure: Failure | None = None
     done: bool = False  # every step's Job completed
+    events: tuple[Event, ...] = ()  # what the walk says: a round started, EP converged or stopped
 
 
 def _advance(
@@ -341,27 +378,117 @@ def _advance(
     now: datetime,
 ) -> Progress:
     """Walk `steps` in order: a completed step sets its condition; the walk stops at the first step
-    whose Job is missing (to be created, unless the fit is suspended), running, or failed."""
+    whose Job is missing (to be created, unless the fit is suspended), running, or failed.
+
+    A missing Job with a later step's Job present completed before (the later one was created only
+    after it): it is not run again, so a completed round is never rewritten. A completed gate's
+    report decides whether the rounds go on (`_final`); while that is not known, the walk waits.
+    """
     suspended = bool(fit["spec"].get("suspend"))
+    events: list[Event] = []
 
     def never_back(reached: str) -> str:
         """A Job deleted by hand is recreated without rewinding the phase."""
         return max(reached, phase, key=RUNNING_PHASES.index)
 
-    for step in steps:
+    def stop(reached: str, at: Step, **how: Any) -> Progress:
+        return Progress(never_back(reached), conditions, at, events=tuple(events), **how)
+
+    rounds_over = False
+    for position, step in enumerate(steps):
+        if rounds_over and step.round is not None:
+            continue
+        later = steps[position + 1 :]
         job = jobs.get(step.name)
         if job is None:
+            if any(s.name in jobs for s in later):
+                continue
             # A suspended fit that has not started yet is still Pending.
             reached = step.phase if (jobs or not suspended) else "Pending"
-            return Progress(never_back(reached), conditions, step, create=not suspended)
+            if not suspended and step.round is not None and not step.gate:
+                events.append(Event("Normal", "RoundStarted", f"round {step.round} of at most "
+                                    f"{children.max_rounds(fit)}: Job {children.job_name(fit['metadata']['name'], step.name)}"))
+            return stop(reached, step, create=not suspended)
         if job.outcome == "Failed":
-            failure = Failure(step.failure, _failure_message(job, pods))
-            return Progress(never_back(step.phase), conditions, step, failure=failure)
+            return stop(step.phase, step, failure=Failure(step.failure, _failure_message(job, pods)))
         if job.outcome is None:
-            return Progress(never_back(step.phase), conditions, step)
+            return stop(step.phase, step)
         conditions = set_condition(conditions, step.condition, True, step.reason,
                                    _done_message(step, fit, pods), now)
-    return Progress(never_back(steps[-1].phase), conditions, done=True)
+        if step.gate:
+            final = _final(step, later, jobs, pods)
+            if final is None:
+                return stop(step.phase, step)  # waits for the update's report
+            if final:
+                rounds_over = True
+                conditions, said = _converged(fit, step, _report_of(step.name, pods), conditions, now)
+                events.extend(said)
+    return Progress(never_back(steps[-1].phase), conditions, done=True, events=tuple(events))
+
+
+def _final(step: Step, later: Sequence[Step], jobs: Mapping[str, JobView], pods: Sequence[PodView]) -> bool | None:
+    """Whether EP's rounds end at this completed gate: its report's `final`. Without a readable
+    report, the Jobs that exist tell (a later Job was created only once the report was read), and
+    the last round is final by definition; otherwise None: not known yet."""
+    report = _report_of(step.name, pods)
+    if "final" in report:
+        return bool(report["final"])
+    observed = next((s for s in later if s.name in jobs), None)
+    if observed is not None:
+        return observed.round is None
+    return None if any(s.round is not None for s in later) else True
+
+
+def _changes(report: Mapping[str, Any]) -> str:
+    if report.get("meanChange") is None or report.get("sdChange") is None:
+        return ""
+    return f": in round {report['round']} the means moved {report['meanChange']:.3g} SD and the SDs {report['sdChange']:.3g}"
+
+
+def _converged(
+    fit: Mapping[str, Any], step: Step, report: Mapping[str, Any], conditions: list[dict], now: datetime
+) -> tuple[list[dict], tuple[Event, ...]]:
+    """The Converged condition once the rounds ended, and its event the first time: never silent
+    when EP stopped at maxRounds without converging."""
+    changes = _changes({"round": step.round, **report})
+    if report.get("converged"):
+        kind, true, reason = "Normal", True, "Converged"
+        message = f"EP converged in {step.round} rounds{changes}"
+    elif "converged" in report:
+        kind, true, reason = "Warning", False, "MaxRoundsReached"
+        message = (f"EP stopped at maxRounds ({children.max_rounds(fit)}) without converging{changes}; "
+                   "the answer is the last round's approximation")
+    else:
+        kind, true, reason = "Warning", None, "ReportMissing"
+        message = (f"EP's rounds ended at round {step.round}, but its update pod's report is gone: "
+                   "combined/summary.json says whether it converged")
+    first = find(conditions, CONVERGED) is None
+    conditions = set_condition(conditions, CONVERGED, true, reason, message, now)
+    return conditions, ((Event(kind, reason, message),) if first else ())
+
+
+def rounds(
+    fit: Mapping[str, Any], steps: Sequence[Step], jobs: Mapping[str, JobView], pods: Sequence[PodView],
+    old: Mapping[str, Any] | None,
+) -> dict[str, Any] | None:
+    """status.rounds of an EP fit: the round in progress (0: the pilot), the rounds completed, and
+    what the latest completed update reported (kept from before when its pod is gone)."""
+    gates = [s for s in steps if s.gate]
+    if not gates:
+        return None
+    completed = [s for s in gates if s.name in jobs and jobs[s.name].outcome == "Complete"]
+    report = _report_of(completed[-1].name, pods) if completed else {}
+    before = old or {}
+    status = {
+        "current": max((s.round for s in steps if s.round is not None and s.name in jobs), default=0),
+        "completed": completed[-1].round if completed else 0,
+        "max": children.max_rounds(fit),
+        "converged": bool(report.get("converged", before.get("converged", False))),
+    }
+    for key in ("meanChange", "sdChange"):
+        if (value := report.get(key, before.get(key))) is not None:
+            status[key] = value
+    return status
 
 
 @dataclass(frozen=True)
@@ -406,10 +533,13 @@ def _observed(
     """The status fields recomputed from the Jobs and pods in every pass, whatever the phase."""
     spec = fit["spec"]
     resampled = any(step.name == children.RESAMPLE for step in steps)
+    # The shards of the sampling Job latest in the walk: sample, or the EP round in progress.
+    sampling = [jobs[s.name] for s in steps if children.samples_shards(s.name) and s.name in jobs]
     return {
         "observedGeneration": fit["metadata"].get("generation"),
-        "shards": shard_counts(spec["shards"], jobs.get(children.SAMPLE), children.shards_per_pod(fit)),
+        "shards": shard_counts(spec["shards"], sampling[-1] if sampling else None, children.shards_per_pod(fit)),
         "resample": shard_counts(spec["shards"], jobs.get(children.RESAMPLE)) if resampled else None,
+        "rounds": rounds(fit, steps, jobs, pods, old.get("rounds")),
         "diagnostics": diagnostics(pods) or old.get("diagnostics"),
     }
 
@@ -453,7 +583,7 @@ def plan(
             create.append(children.job_manifest(fit, progress.at.name, config.runner_defaults, config.runner_image))
             status.setdefault("startTime", timestamp(now))
         outcome, reached = _conclude(fit["metadata"]["name"], phase, progress, now), progress.reached
-        events += outcome.events
+        events += outcome.events + progress.events
         if outcome.phase == "Succeeded":
             status["result"] = _result(fit, pods)
         if outcome.phase in TERMINAL_PHASES:

@@ -22,7 +22,11 @@ local function shard_progress(status)
   if shards == nil or shards.total == nil then
     return ""
   end
-  return string.format(": %d/%d shards done", shards.succeeded or 0, shards.total)
+  local round = ""
+  if status.rounds ~= nil and status.rounds.current ~= nil and status.rounds.current > 0 then
+    round = string.format(" in round %d of at most %d", status.rounds.current, status.rounds.max or 0)
+  end
+  return string.format(": %d/%d shards done%s", shards.succeeded or 0, shards.total, round)
 end
 
 local status = obj.status
@@ -44,6 +48,10 @@ if phase == "Succeeded" then
   end
   if status.diagnostics ~= nil and status.diagnostics.rhatMax ~= nil and status.diagnostics.rhatMax > 1.01 then
     hs.message = hs.message .. string.format(" (warning: R-hat max %.3f above 1.01)", status.diagnostics.rhatMax)
+  end
+  local converged = find_condition(status, "Converged")
+  if converged ~= nil and converged.status ~= "True" then
+    hs.message = hs.message .. " (warning: " .. (converged.message or converged.reason or "EP did not converge") .. ")"
   end
 elseif phase == "Failed" then
   hs.status = "Degraded"

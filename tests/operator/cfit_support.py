@@ -39,11 +39,16 @@ def apply_defaults(value: Any, schema: dict) -> Any:
 
 
 def make_fit(name: str = "fvc", namespace: str = "default", status: dict | None = None, **spec: Any) -> dict:
-    """A ConsensusFit as the API server would return it: defaulted, with uid and generation."""
+    """A ConsensusFit as the API server would return it: defaulted, with uid and generation.
+
+    One-shot (`combine.method: consensus`) unless `combine` is given: most tests are about the
+    steps every fit has; those about EP rounds ask for them (`ep_fit`).
+    """
     given = {
         "data": {"uri": "s3://bucket/osic/", "groupColumn": "Patient"},
         "shards": 3,
         "model": {"formula": "FVC ~ 1 + Weeks + (1 + Weeks || Patient)"},
+        "combine": {"method": "consensus"},
         "output": {"uri": "s3://bucket/fits/"},
         **spec,
     }
@@ -64,6 +69,11 @@ def make_fit(name: str = "fvc", namespace: str = "default", status: dict | None 
     if status is not None:
         fit["status"] = status
     return fit
+
+
+def ep_fit(status: dict | None = None, max_rounds: int = 8, **spec: Any) -> dict:
+    """An EP fit (the CRD's default method) with `max_rounds` rounds at most."""
+    return make_fit(status=status, combine={"method": "ep", "maxRounds": max_rounds}, **spec)
 
 
 def job(step: str, outcome: str | None = None, *, active: int = 0, succeeded: int = 0,
@@ -110,3 +120,17 @@ COMBINE_REPORT = {"ok": True, "uri": "s3://bucket/fits/default/fvc/uid-fvc/combi
 
 def message(report: dict) -> str:
     return json.dumps(report)
+
+
+# EP rounds (docs/contract.md, "EP rounds"): the pilot's, a round shard's and an update's messages.
+PILOT_REPORT = {"ok": True, "round": 0, "shards": [0], "rhatMax": 1.003, "essBulkMin": 300.0,
+                "divergences": 0, "seconds": 20.0}
+
+
+def round_report(r: int, shard: int, **diagnostics: Any) -> dict:
+    return {**shard_report(shard, **diagnostics), "round": r}
+
+
+def update_report(r: int, final: bool, converged: bool | None = None, mean: float = 0.3, sd: float = 0.1) -> dict:
+    return {"ok": True, "round": r, "converged": final if converged is None else converged, "final": final,
+            "meanChange": mean, "sdChange": sd, "damping": 0.5}

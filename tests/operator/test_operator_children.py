@@ -96,7 +96,7 @@ def test_each_step_runs_its_runner_command():
 
 
 def test_re_sampling_is_a_step_only_when_group_parameters_are_re_sampled():
-    assert children.steps(make_fit()) == ("partition", "sample", "globals", "resample", "combine")  # default
+    assert children.steps(make_fit()) == ("partition", "sample", "globals", "resample", "combine")  # consensus
     keep = make_fit(combine={"method": "swiss", "groupParameters": "keep"})
     assert children.steps(keep) == ("partition", "sample", "globals", "combine")
 

@@ -34,8 +34,23 @@ def test_names_scope_and_subresources():
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {"Phase": ".status.phase", "Done": ".status.shards.succeeded",
-                       "Shards": ".status.shards.total", "R-hat max": ".status.diagnostics.rhatMax",
-                       "Age": ".metadata.creationTimestamp"}
+                       "Shards": ".status.shards.total", "Round": ".status.rounds.current",
+                       "R-hat max": ".status.diagnostics.rhatMax", "Age": ".metadata.creationTimestamp"}
+
+
+def test_the_status_schema_keeps_every_field_the_operator_writes():
+    """The API server prunes what a structural schema does not name: status.rounds included."""
+    from cfit_support import ep_fit, job, pod, update_report
+
+    from consensusfit.operator import planner
+    from consensusfit.operator.config import Config
+
+    status = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert set(planner.STATUS_FIELDS) <= set(status)
+    jobs = {s: job(s, "Complete", succeeded=3) for s in ("partition", "pilot", "round-1", "update-1")}
+    result = planner.plan(ep_fit(), jobs, [pod("update-1", report=update_report(1, False))],
+                          planner.parse_time("2026-01-01T00:10:00+00:00"), Config())
+    assert set(result.state["rounds"]) == set(status["rounds"]["properties"])
 
 
 def test_cel_rules_guard_model_choice_and_immutability():

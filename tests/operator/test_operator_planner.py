@@ -592,7 +592,7 @@ def test_observed_status_is_recomputed_from_the_jobs_and_pods():
     old = {"diagnostics": {"rhatMax": 1.1}}
     observed = planner._observed(fit, planner.sequence(fit), {"sample": job("sample", active=3)}, [], old)
     assert observed == {"observedGeneration": 1, "shards": {"total": 3, "active": 3, "succeeded": 0, "failed": 0},
-                        "resample": None, "diagnostics": {"rhatMax": 1.1}}
+                        "resample": None, "rounds": None, "diagnostics": {"rhatMax": 1.1}}
 
 
 @pytest.mark.parametrize("group_parameters, names", [
