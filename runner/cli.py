@@ -77,10 +77,26 @@ def command_sample(args) -> dict:
     from .steps import sample
 
     shards = parse_shards(args.shard) if args.shard is not None else None
-    options = sample.SampleOptions(shards, args.shards_per_pod, args.vectorize, args.data, args.stats, args.shards)
+    options = sample.SampleOptions(
+        shards, args.shards_per_pod, args.vectorize, args.data, args.stats, args.shards, args.round
+    )
     spec = load(args.spec)[0]
     configure_jax()
     return sample.run(spec, FitLayout(args.out), options)
+
+
+def command_pilot(args) -> dict:
+    from .steps import pilot
+
+    spec = load(args.spec)[0]
+    configure_jax()
+    return pilot.run(spec, FitLayout(args.out), pilot.PilotOptions(args.data, args.stats))
+
+
+def command_update(args) -> dict:
+    from .steps import update
+
+    return update.run(load(args.spec)[0], FitLayout(args.out), update.UpdateOptions(args.round))
 
 
 def command_combine(args) -> dict:
@@ -104,7 +120,7 @@ def command_run(args) -> dict:
     from .local.pipeline import present, run_fit
 
     spec, _ = load(args.fit)
-    return present(run_fit(spec, args.workers, args.reference))
+    return present(run_fit(spec, args.workers, args.reference), spec)
 
 
 def command_demo(args) -> dict:
@@ -124,7 +140,7 @@ def command_demo(args) -> dict:
     spec = replace(spec, raw=raw, name=f"{spec.name}-{args.patients}")
     print(f"demo: {args.patients} OSIC-like patients in {data}, fitting {manifest.name} "
           f"on {spec.shards} shards and on the full data for reference", file=sys.stderr)
-    return present(run_fit(spec, args.workers, reference=True))
+    return present(run_fit(spec, args.workers, reference=True), spec)
 
 
 def command_simulate(args) -> dict:
@@ -186,6 +202,18 @@ def parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--stats", help="whole-data statistics JSON (default: the partition manifest)")
     sample.add_argument("--shards", type=int, help="check: the number of shards the spec must declare")
+    sample.add_argument(
+        "--round", type=int, help="EP round R >= 1: sample each shard's tilted distribution (needs round R-1's state)"
+    )
+
+    pilot = step("pilot", "EP's start: NUTS on the pilot shards, every site's first approximation", command_pilot)
+    pilot.add_argument(
+        "--data", help="the shards' Parquet file or prefix; {shard} is replaced (default: partition output)"
+    )
+    pilot.add_argument("--stats", help="whole-data statistics JSON (default: the partition manifest)")
+
+    update = step("update", "EP's update after a round: the shards' tilted moments to the next sites", command_update)
+    update.add_argument("--round", type=int, required=True, help="the round R >= 1 whose shards are sampled")
 
     combine = step("combine", "combine the shards' draws into the full-data posterior", command_combine)
     combine.add_argument(

@@ -24,8 +24,10 @@ NO_RETRY_EXIT_CODES = (EXIT_USAGE, EXIT_BAD_INPUT)
 # ---------------------------------------------------------------- the runner's commands
 
 PARTITION, SAMPLE, COMBINE, RESAMPLE = "partition", "sample", "combine", "resample"
+PILOT, UPDATE = "pilot", "update"  # EP rounds: the pilot, and the update after each round's `sample --round R`
+EP = "ep"  # spec.combine.method that runs the pilot and rounds (the default; one-shot with one shard)
 # The commands a pod runs (`consensusfit-runner <command> --spec ... --out ...`).
-POD_COMMANDS = (PARTITION, SAMPLE, COMBINE, RESAMPLE)
+POD_COMMANDS = (PARTITION, PILOT, SAMPLE, UPDATE, COMBINE, RESAMPLE)
 # `combine --stage ...`: the globals stage, the finish stage, or both with re-sampling between.
 GLOBALS_STAGE, FINISH_STAGE, ALL_STAGES = "globals", "finish", "all"
 COMBINE_STAGES = (GLOBALS_STAGE, FINISH_STAGE, ALL_STAGES)

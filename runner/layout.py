@@ -29,7 +29,11 @@ SUCCESS = "_SUCCESS.json"
 AGREEMENT = "agreement.json"
 SUMMARY = "summary.json"
 MANIFEST = "manifest.json"
+STATE = "state.json"
+MOMENTS = "moments.json"
+ADAPTATION = "adaptation.npz"
 POSTERIORS = "posteriors.png"
+CONVERGENCE = "convergence.png"
 
 # A shard's folder of rows: the partition's output, and already-sharded input data alike.
 SHARD_FOLDER = re.compile(r"^shard=(\d+)$")
@@ -128,6 +132,35 @@ class CombinedFolder(Folder):
         return ShardFolder(self.groups.key(str(shard)))
 
 
+class TiltedFolder(ShardFolder):
+    """`rounds/<r>/shards/<k>/`: shard k's tilted draws in EP round r, their moments and where
+    its chains ended (the next round's warm start)."""
+
+    @property
+    def moments(self) -> str:
+        return self.key(MOMENTS)
+
+    @property
+    def adaptation(self) -> str:
+        return self.key(ADAPTATION)
+
+
+class RoundFolder(ShardFolder):
+    """`rounds/<r>/`: EP round r, its shards' tilted draws and, from the update step, the state
+    after it. Round 0 is the pilot: its draws and diagnostics, and the state EP starts from."""
+
+    @property
+    def state(self) -> str:
+        return self.key(STATE)
+
+    @property
+    def shards(self) -> Folder:
+        return Folder(self.key("shards"))
+
+    def shard(self, shard: int) -> TiltedFolder:
+        return TiltedFolder(self.shards.key(str(shard)))
+
+
 class ReferenceFolder(Folder):
     """`reference/`: the full-data NUTS fit of local `run --reference`."""
 
@@ -142,6 +175,11 @@ class ReportFolder(Folder):
     @property
     def posteriors(self) -> str:
         return self.key(POSTERIORS)
+
+    @property
+    def convergence(self) -> str:
+        """EP: every global parameter's mean ± SD per round."""
+        return self.key(CONVERGENCE)
 
 
 @dataclass(frozen=True)
@@ -168,6 +206,12 @@ class FitLayout:
 
     def shard(self, shard: int) -> ShardFolder:
         return ShardFolder(self.shards.key(str(shard)))
+
+    rounds = Folder("rounds")
+
+    def round(self, round_: int) -> RoundFolder:
+        """EP round `round_` (0: the pilot)."""
+        return RoundFolder(self.rounds.key(str(round_)))
 
     def shard_data(self, shard: int, given: str | None = None) -> str:
         """Where shard `shard`'s rows are: `given` (a URI, `{shard}` filled in), else the partition's."""

@@ -18,7 +18,8 @@ import yaml
 from .contract import deep_merge
 from .errors import BadInput
 
-COMBINE_METHODS = ("consensus", "gaussian", "swiss")
+ONE_SHOT_METHODS = ("consensus", "gaussian", "swiss")  # runner/combine/methods.py
+COMBINE_METHODS = ("ep",) + ONE_SHOT_METHODS  # ep: rounds over the shards (runner/combine/ep.py)
 GROUP_PARAMETER_MODES = ("resample", "keep")
 FAMILIES = ("gaussian", "bernoulli", "poisson", "negativebinomial")
 
@@ -33,7 +34,18 @@ DEFAULTS: dict[str, Any] = {
         "targetAcceptProb": 0.8,
         "maxTreeDepth": 10,
     },
-    "combine": {"method": "consensus", "groupParameters": "resample"},
+    "combine": {
+        "method": "ep",
+        "groupParameters": "resample",
+        # EP rounds (method ep): at most maxRounds rounds after the pilot, each site moved a share
+        # `damping` of the way to its update, stopped once q's means move by less than
+        # tolerance.mean of their SD and its SDs by less than tolerance.sd (relative), beyond
+        # what Monte Carlo noise explains (runner/steps/update.py).
+        "maxRounds": 8,
+        "damping": 0.5,
+        "pilotShare": 0.15,  # the pilot samples this share of the shards (at least one)
+        "tolerance": {"mean": 0.05, "sd": 0.05},
+    },
 }
 
 # The parts of the spec that change the answer: a shard fitted under another fingerprint is not
@@ -69,6 +81,25 @@ class FitSpec:
     @property
     def combine(self) -> dict:
         return self.raw["combine"]
+
+    @property
+    def uses_rounds(self) -> bool:
+        """EP rounds run (pilot, rounds, updates) instead of one sample step: method ep with
+        more than one shard (one shard's posterior is the posterior)."""
+        return self.combine["method"] == "ep" and self.shards > 1
+
+    @property
+    def pilot_shards(self) -> list[int]:
+        """The shards the pilot samples: spec.combine.pilotShare of them, at least one, never all."""
+        share = float(self.combine["pilotShare"])
+        return list(range(min(self.shards - 1, max(1, round(share * self.shards)))))
+
+    @property
+    def round_settings(self) -> dict:
+        """spec.sampler for EP rounds after the first: chains start where the last round's ended
+        and keep their mass matrix, so warmup only re-tunes the step size (a quarter, 100 to 500)."""
+        warmup = int(self.sampler["warmup"])
+        return {**self.sampler, "warmup": min(warmup, max(100, min(500, warmup // 4)))}
 
     @property
     def output_uri(self) -> str | None:
@@ -113,6 +144,7 @@ def shard_seed(seed: int, shard: int) -> int:
 # Offsets that set the streams apart: changing one changes every fit's draws.
 _RESAMPLE_OFFSET = 7919  # the re-sampling streams: shard_seed(seed + 7919, k)
 _COMBINE_ENTROPY = 0xC0B1  # the combination's stream: SeedSequence([seed, 0xC0B1])
+_PILOT_SHARD = -1 % 2**32  # the pilot's stream: as a shard that no fit has
 
 
 @dataclass(frozen=True)
@@ -137,6 +169,15 @@ class Seeds:
     def combine(self) -> np.random.Generator:
         """The random numbers of the combination methods (runner/combine/methods.py)."""
         return np.random.default_rng(np.random.SeedSequence([self.seed, _COMBINE_ENTROPY]))
+
+    @property
+    def pilot(self) -> int:
+        """EP's pilot run (NUTS on the pilot shards)."""
+        return shard_seed(self.seed, _PILOT_SHARD)
+
+    def tilted(self, round_: int, shard: int) -> int:
+        """Shard `shard`'s NUTS in EP round `round_` (round 1 onwards)."""
+        return int(np.random.SeedSequence([self.seed, shard, round_]).generate_state(1)[0])
 
     def resample(self, shard: int) -> int:
         """Shard `shard`'s adaptation run of the conditional re-sampling."""
@@ -202,6 +243,16 @@ def check(spec: dict) -> None:
         raise BadInput(
             f"spec.combine.method {combine['method']!r} is not one of {', '.join(COMBINE_METHODS)}"
         )
+    _require_int(combine["maxRounds"], "combine.maxRounds", 1)
+    for name in ("damping", "pilotShare"):
+        value = combine[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise BadInput(f"spec.combine.{name} must be in (0, 1], got {value!r}")
+    tolerance = combine["tolerance"]
+    if not isinstance(tolerance, dict) or not all(
+        isinstance(tolerance.get(key), (int, float)) and tolerance[key] > 0 for key in ("mean", "sd")
+    ):
+        raise BadInput(f"spec.combine.tolerance needs positive mean and sd, got {tolerance!r}")
     if combine["groupParameters"] not in GROUP_PARAMETER_MODES:
         raise BadInput(
             f"spec.combine.groupParameters {combine['groupParameters']!r} is not one of "

@@ -16,19 +16,20 @@ propagation as a way of life"; Xu et al. 2014). δ is shrunk until Λ and every 
 definite (individual sites may be indefinite).
 
 Tilted moments from draws. NUTS gives, with every draw u_i, the gradient g_i = ∇_u log p̃_k(u_i, α_i)
-(group-level sites α held at their draw). Stein's identity, E[g] = 0 and E[g (u − m̃)ᵀ] = −I, gives
-estimators with far less Monte Carlo noise than the sample mean and covariance when the cavity
-holds most of the information (many shards):
+(group-level sites α held at their draw). By Stein's identity E[g] = 0, so g is a control variate
+for the mean:
 
-    mean         m̂ = ū − Cov(u, g) Cov(g)⁻¹ ḡ        (the intercept of regressing u on g: a
-                                                      zero-variance control variate, exact
-                                                      for any draws when p̃_k is Gaussian)
-    covariance   Σ̂ = P_k⁻¹ (I + Cov(s, u)),  s = g + P_k(u − c_k) = ∇_u log f_k
+    m̂ = ū − Cov(u, g) Cov(g)⁻¹ ḡ      (the intercept of regressing u on g: a zero-variance
+                                        control variate, exact for any draws of a Gaussian p̃_k)
 
-The plain estimators' noise adds about √(K / ESS) posterior SDs to q's mean every round (each of
-the K sites carries a full posterior's precision times its tilted mean's error); these add about
-(λ_k/Λ)·√(K / ESS), i.e. √(1 / (K·ESS)). The plain ones (sample mean, debiased inverse sample
-covariance) remain the fallback when Σ̂ is not positive definite.
+The precision is the inverse sample covariance, debiased for the draws' ESS. (Stein's second
+identity, Σ̃ = P_k⁻¹(I + Cov(∇ log f_k, u)), gives a covariance estimate too, but in a
+hierarchical model the site's gradient given the group-level draws is far sharper than its
+marginal, and that estimate was measured to scatter more than the sample covariance.)
+
+Monte Carlo error in the tilted means adds about √(K / ESS) posterior SDs to q's mean in an
+undamped round (each of the K sites carries a full posterior's precision times its tilted mean's
+error): damping averages it over rounds, and `average` over the last rounds.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Moments(NamedTuple):
 
     mean: np.ndarray
     precision: np.ndarray
-    estimator: str  # "stein" | "sample"
+    estimator: str  # how the mean was estimated: "control variate" | "sample"
 
 
 def is_positive_definite(matrix: np.ndarray) -> bool:
@@ -109,25 +110,17 @@ def sample_moments(u: np.ndarray, ess: float) -> Moments:
     return Moments(u.mean(0), factor * np.linalg.inv(np.atleast_2d(np.cov(u.T))), "sample")
 
 
-def stein_moments(u: np.ndarray, gradient: np.ndarray, cavity_: Gaussian, ess: float) -> Moments:
-    """Tilted mean and precision from draws `u` and their gradients ∇_u log p̃ (module docstring).
-
-    Falls back to `sample_moments` when the Stein covariance is not positive definite (too few
-    draws for the site's non-Gaussianity).
-    """
+def tilted_moments(u: np.ndarray, gradient: np.ndarray, ess: float) -> Moments:
+    """Tilted mean (control variate `gradient` = ∇_u log p̃ at each draw) and debiased precision."""
     u = u.reshape(-1, u.shape[-1])
     g = gradient.reshape(u.shape)
-    d = u.shape[-1]
+    plain = sample_moments(u, ess)
     centred_u, centred_g = u - u.mean(0), g - g.mean(0)
     g_cov = np.atleast_2d(centred_g.T @ centred_g) / len(u)
-    site_score = g + (u - cavity_.mean) @ cavity_.precision  # ∇ log f_k
-    cross = (site_score - site_score.mean(0)).T @ centred_u / len(u)
-    cov = symmetric(np.linalg.solve(cavity_.precision, np.eye(d) + cross))
-    if not (is_positive_definite(cov) and is_positive_definite(g_cov)):
-        return sample_moments(u, ess)
+    if not is_positive_definite(g_cov):  # a component whose gradient never varies: no control variate
+        return plain
     coefficient = np.linalg.solve(g_cov, centred_g.T @ centred_u / len(u))  # Cov(g)⁻¹ Cov(g, u)
-    mean = u.mean(0) - g.mean(0) @ coefficient
-    return Moments(mean, np.linalg.inv(cov), "stein")
+    return Moments(u.mean(0) - g.mean(0) @ coefficient, plain.precision, "control variate")
 
 
 class Update(NamedTuple):

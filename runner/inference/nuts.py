@@ -63,6 +63,21 @@ class Samples:
     step_size: np.ndarray  # (chains,) adapted step size
     seconds: dict[str, float]  # compile, warmup, sampling
     programs: str = "traced"  # or "loaded": from the program store, without tracing
+    global_gradient: np.ndarray | None = None  # (chains, draws, d): ∇ log density in the global u
+    adaptation: "Adaptation | None" = None  # where each chain ended: a later run's warm start
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """Per chain: the last position (raveled), the adapted step size and diagonal inverse mass.
+
+    A later run of nearly the same target (the next EP round) starts here and only re-tunes the
+    step size, instead of adapting from scratch.
+    """
+
+    position: np.ndarray  # (chains, dims)
+    step_size: np.ndarray  # (chains,)
+    inverse_mass: np.ndarray  # (chains, dims)
 
 
 def to_device(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +126,19 @@ def ravel_batch(sites: dict[str, Any]) -> tuple[jax.Array, Callable]:
     return jax.vmap(lambda one: ravel_pytree(one)[0])(sites), unravel
 
 
+CAVITY = ("cavity_mean", "cavity_precision")  # a tilted model's arguments: always traced, never baked
+
+
+def global_index(unravel: Callable, dims: int, names: Sequence[str]) -> np.ndarray:
+    """Positions of the named sites' components in the raveled vector, in the order of `names`."""
+    with jax.ensure_compile_time_eval():
+        sites = unravel(jnp.arange(dims, dtype=jnp.result_type(float)))
+    return np.concatenate([np.ravel(np.asarray(sites[n])) for n in names] or [np.zeros(0)]).astype(np.int32)
+
+
 def export_programs(
-    model: Callable, arrays: dict[str, Any], constants: dict[str, Any], settings: SamplerSettings, batch: int
+    model: Callable, arrays: dict[str, Any], constants: dict[str, Any], settings: SamplerSettings, batch: int,
+    global_names: Sequence[str] = (), warm: int = 0,
 ) -> list[export.Exported]:
     """The init, step and constrain programs of `CompiledNuts`, traced once, as StableHLO.
 
@@ -120,10 +146,15 @@ def export_programs(
     then skips tracing NUTS, the part of compiling that XLA's cache does not keep. Their inputs
     and outputs are arrays, lists and string-keyed dicts: NUTS's state crosses as its list of
     leaves (its pytree has a tuple-keyed dict, which `jax.export` cannot serialise).
+
+    `global_names`: the step also returns, with every draw, the gradient of the log density in
+    those sites' unconstrained components (EP's tilted moments use it). `warm` (the raveled
+    dimension; 0: a cold start): init takes every chain's position, step size and inverse mass
+    (an `Adaptation`) and only re-tunes the step size during `settings.warmup`.
     """
     traced = {}  # what tracing `init` leaves for the others
 
-    def init(keys, data):
+    def init(keys, data, *start):
         # NumPyro's `HMC.init` (same keys, same adaptation), on the unconstrained sites
         # raveled into one vector: NUTS then moves, selects and stores one array per step
         # instead of one per site, and on a CPU each of those is a kernel launch that costs
@@ -138,49 +169,62 @@ def export_programs(
             return lambda position: info.potential_fn(**kwargs)(unravel(position[POSITION]))
 
         init_kernel, sample_kernel = hmc(potential_fn_gen=flat_potential, algo="NUTS")
-        position = {POSITION: flat}
-        state = jax.vmap(
-            lambda position, key: init_kernel(
-                position,
-                settings.warmup,
-                dense_mass=[],
-                target_accept_prob=settings.target_accept_prob,
-                max_tree_depth=settings.max_tree_depth,
-                model_kwargs=kwargs,
-                rng_key=key,
-            )
-        )(position, keys)
+        common = dict(
+            dense_mass=[], target_accept_prob=settings.target_accept_prob,
+            max_tree_depth=settings.max_tree_depth, model_kwargs=kwargs,
+        )
+        if warm:
+            position, step_size, inverse_mass = start
+            state = jax.vmap(
+                lambda position, key, step, mass: init_kernel(
+                    {POSITION: position}, settings.warmup, step_size=step, inverse_mass_matrix=mass,
+                    adapt_mass_matrix=False, rng_key=key, **common,
+                )
+            )(position, keys, step_size, inverse_mass)
+        else:
+            state = jax.vmap(
+                lambda position, key: init_kernel(position, settings.warmup, rng_key=key, **common)
+            )({POSITION: flat}, keys)
         leaves, structure = jax.tree.flatten(state)
         traced.update(
             unravel=unravel,
             postprocess=info.postprocess_fn,
             sample=jax.vmap(sample_kernel, in_axes=(0, None, None)),  # chains vectorised
             structure=structure,
+            globals=global_index(unravel, flat.shape[-1], global_names),
         )
         return leaves
 
     keys = random.split(random.PRNGKey(0), settings.chains)
-    init_program = export.export(jax.jit(init))(_shape(keys), _shape(arrays))
+    start_shapes = ()
+    if warm:
+        dtype = jnp.result_type(float)
+        start_shapes = (
+            jax.ShapeDtypeStruct((settings.chains, warm), dtype), jax.ShapeDtypeStruct((settings.chains,), dtype),
+            jax.ShapeDtypeStruct((settings.chains, warm), dtype),
+        )
+    init_program = export.export(jax.jit(init))(_shape(keys), _shape(arrays), *start_shapes)
     leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in init_program.out_avals]
 
     def step(leaves, data, n):
-        """n ≤ CHUNK transitions of every chain of every shard: (leaves, draws, step sizes)."""
+        """n ≤ CHUNK transitions of every chain of every shard: (leaves, draws, adaptation)."""
 
         def advance(state, data):
             return traced["sample"](state, (), {**data, **constants})
 
+        def record(state):
+            return (state.z[POSITION], state.diverging, state.num_steps, -state.z_grad[POSITION][..., traced["globals"]])
+
         def transition(i, carry):
             state, draws = carry
             state = jax.vmap(advance)(state, data)
-            new = (state.z[POSITION], state.diverging, state.num_steps)
-            return state, jax.tree.map(lambda drawn, value: drawn.at[i].set(value), draws, new)
+            return state, jax.tree.map(lambda drawn, value: drawn.at[i].set(value), draws, record(state))
 
         state = jax.tree.unflatten(traced["structure"], leaves)
-        empty = jax.tree.map(
-            lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype), (state.z[POSITION], state.diverging, state.num_steps)
-        )
+        empty = jax.tree.map(lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype), record(state))
         state, draws = lax.fori_loop(0, n, transition, (state, empty))
-        return jax.tree.leaves(state), draws, state.adapt_state.step_size
+        adaptation = (state.adapt_state.step_size, jax.tree.leaves(state.adapt_state.inverse_mass_matrix)[0])
+        return jax.tree.leaves(state), draws, adaptation
 
     step_program = export.export(jax.jit(step))(
         _batched_shape(leaves, batch), _batched_shape(arrays, batch), jax.ShapeDtypeStruct((), jnp.int32)
@@ -231,26 +275,38 @@ class CompiledNuts:
         batch: int = 1,
         data_as_arguments: bool = False,
         identity: str | None = None,
+        global_names: Sequence[str] = (),
+        cavity_dims: int = 0,
+        warm: int = 0,
     ):
         if batch > 1 and not data_as_arguments:
             raise ValueError("only a model that takes its data as arguments can sample shards in a batch")
         started = time.perf_counter()
-        self.settings, self.batch = settings, batch
+        self.settings, self.batch, self.warm = settings, batch, warm
         self.data_as_arguments = data_as_arguments
         self.example = self._device(example)
-        arrays, constants = self._split(self.example)
+        self.cavity_dims = cavity_dims
+        arrays, constants = self._split({**self.example, **self._cavity_example()})
         key = None
         if identity is not None and data_as_arguments:
-            key = program_key(identity, repr(settings), str(batch), repr(_shape(arrays)))
+            key = program_key(
+                identity, repr(settings), str(batch), repr(_shape(arrays)), repr(list(global_names)), str(warm)
+            )
         programs = load_programs(key) if key else None
         self.loaded_programs = programs is not None
         if programs is None:
-            programs = export_programs(model, arrays, constants, settings, batch)
+            programs = export_programs(model, arrays, constants, settings, batch, global_names, warm)
             if key:
                 store_programs(key, programs)
         self.init_program, self.step_program, self.constrain_program = (_compiled(p) for p in programs)
         self.compile_seconds = time.perf_counter() - started
         self._unclaimed_compile = threading.Lock()
+
+    def _cavity_example(self) -> dict[str, Any]:
+        if not self.cavity_dims:
+            return {}
+        d = self.cavity_dims
+        return {CAVITY[0]: jnp.zeros(d), CAVITY[1]: jnp.eye(d)}
 
     def _claim_compile_seconds(self) -> float:
         """The compile time, for the first batch that asks; later batches reuse the programs."""
@@ -263,39 +319,64 @@ class CompiledNuts:
 
     def _split(self, arguments: dict[str, Any]) -> tuple[dict, dict]:
         """(arrays traced as arguments, constants baked into the program)."""
-        arrays = {k: v for k, v in arguments.items() if self.data_as_arguments and isinstance(v, jax.Array)}
+        arrays = {
+            k: v for k, v in arguments.items()
+            if k in CAVITY or (self.data_as_arguments and isinstance(v, jax.Array))
+        }
         return arrays, {k: v for k, v in arguments.items() if k not in arrays}
 
     def _transitions(self, state, data, total: int):
-        """`total` transitions in calls of CHUNK; the final state and the draws (total, ...)."""
+        """`total` transitions in calls of CHUNK; the final state, the draws (total, ...), the
+        adapted (step size, inverse mass)."""
         collected = []
         for done in range(0, total, CHUNK):
             n = min(CHUNK, total - done)
-            state, draws, step_size = self.step_program(state, data, np.int32(n))
+            state, draws, adaptation = self.step_program(state, data, np.int32(n))
             collected.append(jax.tree.map(lambda x: x[:n], draws))
-        return state, jax.tree.map(lambda *parts: jnp.concatenate(parts), *collected), step_size
+        return state, jax.tree.map(lambda *parts: jnp.concatenate(parts), *collected), adaptation
 
-    def run(self, arguments: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[Samples]:
-        """Warm up and sample shard i of `arguments` with seed i; one `Samples` per shard."""
+    def run(
+        self,
+        arguments: Sequence[dict[str, Any]],
+        seeds: Sequence[int],
+        cavities: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+        starts: Sequence["Adaptation"] | None = None,
+    ) -> list[Samples]:
+        """Warm up and sample shard i of `arguments` with seed i; one `Samples` per shard.
+
+        `cavities`: shard i's (mean, precision) of the Gaussian cavity of a tilted model (EP);
+        `starts`: shard i's warm start, for a sampler built with `warm`.
+        """
         if len(arguments) != len(seeds) or not 0 < len(arguments) <= self.batch:
             raise ValueError(f"{len(arguments)} shards and {len(seeds)} seeds for a batch of {self.batch}")
+        if (cavities is not None) != bool(self.cavity_dims) or (starts is not None) != bool(self.warm):
+            raise ValueError("cavities and warm starts are given exactly to the samplers built for them")
         started = time.perf_counter()
         # Without data as arguments `example` is the caller's own dict, baked into the programs.
         if not self.data_as_arguments and not all(a is self.example for a in arguments):
             raise ValueError("a model with its data as constants samples only the data it was compiled for")
         arguments = [self._device(a) for a in arguments]
+        if cavities is not None:
+            arguments = [
+                {**a, CAVITY[0]: jnp.asarray(mean), CAVITY[1]: jnp.asarray(precision)}
+                for a, (mean, precision) in zip(arguments, cavities)
+            ]
         data = [self._split(a)[0] for a in arguments]
-        states = [
-            self.init_program(random.split(random.PRNGKey(seed), self.settings.chains), shard)
-            for shard, seed in zip(data, seeds)
-        ]
+        chain_keys = [random.split(random.PRNGKey(seed), self.settings.chains) for seed in seeds]
+        if starts is None:
+            states = [self.init_program(keys, shard) for keys, shard in zip(chain_keys, data)]
+        else:
+            states = [
+                self.init_program(keys, shard, s.position, s.step_size, s.inverse_mass)
+                for keys, shard, s in zip(chain_keys, data, starts)
+            ]
         padding = self.batch - len(arguments)  # a short last batch repeats its first shard
         state, data_batch = _stack(states + states[:1] * padding), _stack(data + data[:1] * padding)
         initialised = time.perf_counter()
 
         state, _, _ = jax.block_until_ready(self._transitions(state, data_batch, self.settings.warmup))
         warmed = time.perf_counter()
-        state, (z, diverging, num_steps), step_size = jax.block_until_ready(
+        state, (z, diverging, num_steps, gradient), (step_size, inverse_mass) = jax.block_until_ready(
             self._transitions(state, data_batch, self.settings.samples)
         )
         sampled = time.perf_counter()
@@ -319,6 +400,10 @@ class CompiledNuts:
                     step_size=np.asarray(step_size[i]),
                     seconds=dict(seconds),
                     programs="loaded" if self.loaded_programs else "traced",
+                    global_gradient=np.swapaxes(np.asarray(gradient[:, i]), 0, 1),
+                    adaptation=Adaptation(
+                        np.asarray(z[-1, i]), np.asarray(step_size[i]), np.asarray(inverse_mass[i])
+                    ),
                 )
             )
         return results

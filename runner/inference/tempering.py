@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
 from numpyro import handlers
+from numpyro.distributions import biject_to
 from numpyro.primitives import Messenger
 
 from ..errors import BadInput
@@ -125,3 +128,24 @@ def resolve_global_sites(
             f"sample; its latent sites are {', '.join(latent)}"
         )
     return sites(list(declared))
+
+
+def with_cavity(model: Callable, names: list[str]) -> Callable:
+    """EP's tilted model: `model` times the Gaussian cavity N(u; c, P⁻¹) on the global vector u.
+
+    u is the sites `names`, each mapped to the unconstrained space NUTS moves in (the inverse of
+    the bijection NumPyro uses for the site's support) and raveled, in that order. The cavity's
+    mean and precision are the model's arguments `cavity_mean` and `cavity_precision`, so one
+    compiled program serves every round and shard (runner/sampling.py).
+    """
+
+    def tilted(*, cavity_mean, cavity_precision, **kwargs):
+        with handlers.trace() as trace:
+            model(**kwargs)
+        u = jnp.concatenate(
+            [jnp.ravel(biject_to(trace[n]["fn"].support).inv(trace[n]["value"])) for n in names]
+        )
+        gap = u - cavity_mean
+        numpyro.factor("cavity", -0.5 * gap @ cavity_precision @ gap)
+
+    return tilted

@@ -2,7 +2,9 @@
 
 The same steps the operator runs as Jobs, here as local processes over a local folder (or S3):
 partition in-process; shards as parallel `consensusfit-runner sample` processes (one per shard, up
-to `workers` at once, exactly the pods' command); the combine stages `globals` in-process, with
+to `workers` at once, exactly the pods' command), or with EP (the default method) the pilot
+in-process, then round after round every shard's `sample --round R` as processes and the round's
+`update` in-process, until a state is final; the combine stages `globals` in-process, with
 `groupParameters: resample` every shard's `consensusfit-runner resample` as parallel processes in
 the same way, and `finish` in-process.
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..contract import (
     COMPILATION_CACHE, CPU_LANES, EXIT_BAD_INPUT, FINISH_STAGE, GLOBALS_STAGE, RESAMPLE, SAMPLE,
 )
@@ -30,10 +34,13 @@ from ..inference import cores
 from ..inference.runtime import configure_jax, local_default
 from ..layout import FitLayout
 from ..spec import FitSpec, pod_shards
-from ..steps import combine, partition
+from ..combine.rounds import constrained_history
+from ..combine.supports import bijections
+from ..steps import combine, partition, pilot, update
+from ..steps.inputs import shard_model
 from ..steps import reference as full_data
 from ..store.draws import from_parquet_bytes, scalar_components
-from .plots import posterior_figure
+from .plots import convergence_figure, posterior_figure
 from .report import fit_report
 
 DEFAULT_OUTPUT = "./consensusfit-runs"
@@ -72,13 +79,16 @@ class Progress:
 # The per-shard steps, each with what the progress lines call it.
 SHARD_STEPS = {SAMPLE: "sampling", RESAMPLE: "re-sampling"}
 
-def shard_command(spec: FitSpec, root: str, shards: list[int], step: str = SAMPLE) -> list[str]:
+def shard_command(
+    spec: FitSpec, root: str, shards: list[int], step: str = SAMPLE, round_: int | None = None
+) -> list[str]:
     """The command a pod of the step's Indexed Job runs for `shards`, as a local process."""
     manifest = {"metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec.raw}
     selected = str(shards[0]) if len(shards) == 1 else f"{shards[0]}-{shards[-1]}"
     return [
         sys.executable, "-m", "consensusfit.runner.cli", "--termination-log", os.devnull,
         step, "--spec", json.dumps(manifest), "--out", root, "--shard", selected,
+        *(["--round", str(round_)] if round_ is not None else []),
     ]
 
 def process_shards(spec: FitSpec, step: str) -> list[list[int]]:
@@ -105,14 +115,16 @@ def _stop(processes) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
 
-def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step: str = SAMPLE) -> None:
+def run_shards(
+    spec: FitSpec, root: str, workers: int, progress: Progress, step: str = SAMPLE, round_: int | None = None
+) -> None:
     """Run `step` (SHARD_STEPS) for every shard as a process, at most `workers` at once; stop all
     on the first failure.
 
     Ctrl-C (or any failure) terminates the running shards; shards that completed keep their
     `_SUCCESS.json`, so the next run starts where this one stopped.
     """
-    activity = SHARD_STEPS[step]
+    activity = SHARD_STEPS[step] + (f" (EP round {round_})" if round_ is not None else "")
     pending = process_shards(spec, step)
     running: dict[tuple[int, ...], subprocess.Popen] = {}
     environment = shard_environment(min(workers, len(pending)))
@@ -124,7 +136,7 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step:
             while pending and len(running) < workers:
                 shards = pending.pop(0)
                 running[tuple(shards)] = subprocess.Popen(
-                    shard_command(spec, root, shards, step), env=environment,
+                    shard_command(spec, root, shards, step, round_), env=environment,
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 )
             time.sleep(0.1)
@@ -147,7 +159,7 @@ def run_shards(spec: FitSpec, root: str, workers: int, progress: Progress, step:
 class FitResult:
     root: str
     summary: dict  # combined/summary.json
-    diagnostics: list[dict]  # shards/<k>/diagnostics.json, in shard order
+    diagnostics: list[dict]  # shards/<k>/diagnostics.json (EP: the final round's), in shard order
     reference: dict | None  # parameter -> summary of the full-data fit
 
 def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
@@ -159,16 +171,20 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
     progress.phase(f"results in {root}")
     progress.phase("partitioning")
     partition.run(spec, layout)
-    run_shards(spec, root, workers, progress, SAMPLE)
-    progress.phase("combining the global parameters")
     configure_jax()
+    if spec.uses_rounds:
+        run_rounds(spec, layout, workers, progress)
+    else:
+        run_shards(spec, root, workers, progress, SAMPLE)
+    progress.phase("combining the global parameters")
     combine.run(spec, layout, combine.CombineOptions(GLOBALS_STAGE))
     if spec.combine["groupParameters"] == "resample":
         run_shards(spec, root, workers, progress, RESAMPLE)
     progress.phase("summarising")
     combine.run(spec, layout, combine.CombineOptions(FINISH_STAGE))
     store = layout.store
-    diagnostics = [json.loads(store.read_bytes(layout.shard(k).diagnostics)) for k in range(spec.shards)]
+    folder = combine.shard_folders(spec, layout)
+    diagnostics = [json.loads(store.read_bytes(folder(k).diagnostics)) for k in range(spec.shards)]
     summary = json.loads(store.read_bytes(layout.combined.summary))
     full = None
     if reference:
@@ -178,20 +194,56 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
     return FitResult(root, summary, diagnostics, full)
 
 
-def present(result: FitResult) -> dict:
-    """Print the report, draw the posteriors, and return the termination-style summary."""
+def run_rounds(spec: FitSpec, layout: FitLayout, workers: int, progress: Progress) -> None:
+    """EP: the pilot, then each round's shards (as processes) and its update, until a state is final."""
+    shards = spec.pilot_shards
+    progress.phase(f"EP pilot: NUTS on shards {shards[0]}..{shards[-1]} of {spec.shards}")
+    pilot.run(spec, layout)
+    for round_ in range(1, spec.combine["maxRounds"] + 1):
+        run_shards(spec, layout.root, workers, progress, SAMPLE, round_)
+        message = update.run(spec, layout, update.UpdateOptions(round_))
+        outcome = "converged" if message["converged"] else "final: maxRounds reached" if message["final"] else "next round"
+        progress.phase(
+            f"EP round {round_}: means moved {message['meanChange']:.3f} SD, SDs {100 * message['sdChange']:.1f}%, "
+            f"damping {message['damping']:.2f}; {outcome}"
+        )
+        if message["final"]:
+            return
+
+
+def convergence_plot(spec: FitSpec, layout: FitLayout, reference: dict | None) -> str | None:
+    """EP: draw every global parameter's mean ± SD per round (pilot first); its URI."""
+    if not spec.uses_rounds:
+        return None
+    store = layout.store
+    states = [update.finished_state(spec, layout, 0)] + combine.round_states(spec, layout)
+    combined = from_parquet_bytes(store.read_bytes(layout.combined.draws))
+    sites = {name: combined.sites[name] for name in combined.global_names()}
+    model = shard_model(spec, layout, 0, None, None)
+    history = constrained_history(states, sites, bijections(model.fn, model.arguments, sites), np.random.default_rng(0))
+    store.write_bytes(layout.report.convergence, convergence_figure(history, reference))
+    return layout.uri(layout.report.convergence)
+
+
+def present(result: FitResult, spec: FitSpec) -> dict:
+    """Print the report, draw the posteriors (and EP's rounds), and return the termination-style summary."""
     layout = FitLayout(result.root)
     store = layout.store
     names = list(result.diagnostics[0]["parameters"])
+    folder = combine.shard_folders(spec, layout)
     shards = [
-        scalar_components(from_parquet_bytes(store.read_bytes(layout.shard(k).draws)).constrained)
+        scalar_components(from_parquet_bytes(store.read_bytes(folder(k).draws)).constrained)
         for k in range(len(result.diagnostics))
     ]
     combined = scalar_components(from_parquet_bytes(store.read_bytes(layout.combined.draws)).constrained)
+    kind = "tilted, last EP round" if spec.uses_rounds else "tempered"
     store.write_bytes(
         layout.report.posteriors,
-        posterior_figure(shards, combined, names, result.reference, f"{len(shards)} shards"),
+        posterior_figure(shards, combined, names, result.reference, f"{len(shards)} shards ({kind})"),
     )
+    convergence = convergence_plot(spec, layout, result.reference)
     print(fit_report(result.summary, result.diagnostics, result.reference))
     print(f"\nresults: {result.root}\nposteriors: {layout.uri(layout.report.posteriors)}")
+    if convergence:
+        print(f"EP rounds: {convergence}")
     return {"ok": True, "uri": result.root}

@@ -61,3 +61,36 @@ def posterior_figure(
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def convergence_figure(history: dict[str, list[tuple[float, float]]], reference: dict | None = None) -> bytes:
+    """A PNG: per global parameter, q's mean ± SD after the pilot (round 0) and every EP round,
+    with the reference mean ± SD (dashed) when one was run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(history)
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for axis, name in zip(axes.ravel(), names):
+        rounds = np.arange(len(history[name]))
+        mean, sd = np.array(history[name]).T
+        axis.errorbar(rounds, mean, yerr=sd, color="black", marker="o", capsize=3, label="EP: mean ± sd")
+        if reference and name in reference:
+            truth = reference[name]
+            axis.axhline(truth["mean"], color="tab:red", ls="--", lw=1.2, label="reference mean ± sd")
+            axis.axhspan(truth["mean"] - truth["sd"], truth["mean"] + truth["sd"], color="tab:red", alpha=0.12)
+        axis.set_title(name)
+        axis.set_xticks(rounds)
+        axis.set_xlabel("round (0: pilot)")
+    for axis in axes.ravel()[len(names):]:
+        axis.set_visible(False)
+    axes.ravel()[0].legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -37,11 +37,13 @@ def fit_report(summary: dict, diagnostics: list[dict], reference: dict | None) -
         row += [_number(value) for value in worst(per_shard)]
         if reference:
             truth = reference[name]
+            # a constant component (a Cholesky factor's fixed entries) has no SD to measure in
+            measurable = truth["sd"] > 0
             row += [
                 _number(truth["mean"]),
                 _number(truth["sd"]),
-                f"{(combined['mean'] - truth['mean']) / truth['sd']:+.2f}",
-                f"{combined['sd'] / truth['sd']:.2f}",
+                f"{(combined['mean'] - truth['mean']) / truth['sd']:+.2f}" if measurable else "-",
+                f"{combined['sd'] / truth['sd']:.2f}" if measurable else "-",
             ]
         rows.append(row)
     text = _table(header, rows)

@@ -35,25 +35,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from ..combine.agreement import agreement
+from ..combine.rounds import (
+    RoundState, answer, convergence_report, convergence_warnings, gaussian_draws, read_moments, tilted_agreement,
+)
 from ..combine.methods import combine
 from ..combine.packing import global_layout, pack, unconstrained_names, unpack
 from ..combine.summaries import global_summary, group_summary
 from ..combine.supports import bijections, constrain
 from ..contract import ALL_STAGES, FINISH_STAGE, GLOBALS_STAGE
 from ..errors import BadInput
-from ..layout import AGREEMENT, DRAWS, SUMMARY, FitLayout
+from ..layout import AGREEMENT, DRAWS, SUMMARY, FitLayout, ShardFolder
 from ..spec import FitSpec
 from ..store.completion import check_fingerprint, completed, mark_complete, read_json
 from ..store.draws import Draws, Site, component_names, from_parquet_bytes, to_parquet_bytes
 from ..store.storage import NotFound, Store
 from .inputs import shard_model
-from .messages import combine_message, globals_message, shard_row, shard_warnings
-from .resample import ResampleOptions, describe, require_globals
+from .messages import combine_message, describe_shards, globals_message, shard_row, shard_warnings
+from .resample import ResampleOptions, require_globals
 from .resample import run as resample_shard
+from .update import final_state, finished_state
 
 WARN_RHAT = 1.01
 
@@ -88,7 +93,7 @@ def run(spec: FitSpec, layout: FitLayout, options: CombineOptions = CombineOptio
         missing = unresampled_shards(layout, spec)
         if missing and options.stage == FINISH_STAGE:
             raise BadInput(
-                f"cannot finish the combination: {describe(missing, spec.shards)} not re-sampled "
+                f"cannot finish the combination: {describe_shards(missing, spec.shards)} not re-sampled "
                 f"(no {combined.group(0).name(combined.group(0).marker)} under "
                 f"{layout.uri(combined.groups.prefix)}<k>/); run `consensusfit-runner resample --shard <k>` for each"
             )
@@ -106,12 +111,21 @@ def combine_fit(spec: FitSpec, out_uri: str, stage: str = ALL_STAGES, data_uri: 
 # ---------------------------------------------------------------- reading and checking shards
 
 
+def shard_folders(spec: FitSpec, layout: FitLayout) -> Callable[[int], ShardFolder]:
+    """Where each shard's draws to combine are: `shards/<k>/`, or with EP the final round's
+    `rounds/<R>/shards/<k>/` (refused while rounds remain)."""
+    if not spec.uses_rounds:
+        return layout.shard
+    return layout.round(final_state(spec, layout).round).shard
+
+
 def check_shards_complete(layout: FitLayout, spec: FitSpec) -> None:
     """Every shard has `_SUCCESS.json` with this fit's fingerprint; else one line naming them."""
     store, fingerprint = layout.store, spec.fingerprint()
     missing, incomplete = [], []
+    folder = shard_folders(spec, layout)
     for k in range(spec.shards):
-        shard = layout.shard(k)
+        shard = folder(k)
         success = read_json(store, shard.marker)
         if success is None:
             (incomplete if store.exists(shard.draws) else missing).append(k)
@@ -120,11 +134,12 @@ def check_shards_complete(layout: FitLayout, spec: FitSpec) -> None:
     if missing or incomplete:
         parts = []
         if missing:
-            parts.append(f"{describe(missing, spec.shards)} missing")
+            parts.append(f"{describe_shards(missing, spec.shards)} missing")
         if incomplete:
-            marker = layout.shard(incomplete[0])
-            parts.append(f"{describe(incomplete, spec.shards)} incomplete (draws but no {marker.name(marker.marker)})")
-        raise BadInput(f"cannot combine: {'; '.join(parts)} under {layout.uri(layout.shards.prefix)}")
+            marker = folder(incomplete[0])
+            parts.append(f"{describe_shards(incomplete, spec.shards)} incomplete (draws but no {marker.name(marker.marker)})")
+        where = layout.uri(folder(0).path.rsplit("/", 1)[0] + "/")
+        raise BadInput(f"cannot combine: {'; '.join(parts)} under {where}")
 
 
 def _check_finite(draws: Draws, where: str) -> None:
@@ -143,7 +158,7 @@ def _check_finite(draws: Draws, where: str) -> None:
 
 def read_shard(layout: FitLayout, spec: FitSpec, k: int) -> Draws:
     """Shard k's draws, checked: fingerprint, shard count, finite values."""
-    where, key = f"shard {k}", layout.shard(k).draws
+    where, key = f"shard {k}", shard_folders(spec, layout)(k).draws
     try:
         draws = from_parquet_bytes(layout.store.read_bytes(key))
     except NotFound:
@@ -164,17 +179,28 @@ def read_shard(layout: FitLayout, spec: FitSpec, k: int) -> Draws:
 # ---------------------------------------------------------------- the stages
 
 
-def combined_globals(shards: list[Draws], spec: FitSpec, transforms_of) -> tuple:
+def combined_globals(shards: list[Draws], spec: FitSpec, transforms_of, states: list[RoundState] = ()) -> tuple:
     """(layout, combined unconstrained (C, S, D), constrained sites, unconstrained sites,
-    per-shard packed draws)."""
+    per-shard packed draws). With EP (`states`: every round's) the draws are q's."""
     layout = global_layout(shards)
     packed = [pack(d, layout) for d in shards]
-    try:
-        values, _ = combine(spec.combine["method"], packed, spec.seeds.combine())
-    except (ValueError, np.linalg.LinAlgError) as error:
-        raise BadInput(f"cannot combine the shards' global draws: {error}") from None
+    if states:
+        values = gaussian_draws(answer(states), states[-1].components, layout, packed[0].shape[:2], spec.seeds.combine())
+    else:
+        try:
+            values, _ = combine(spec.combine["method"], packed, spec.seeds.combine())
+        except (ValueError, np.linalg.LinAlgError) as error:
+            raise BadInput(f"cannot combine the shards' global draws: {error}") from None
     unconstrained = unpack(values, layout)
     return layout, values, constrain(unconstrained, transforms_of(layout)), unconstrained, packed
+
+
+def round_states(spec: FitSpec, layout: FitLayout) -> list[RoundState]:
+    """With EP, the state after every round, the first to the final one; else none."""
+    if not spec.uses_rounds:
+        return []
+    final = final_state(spec, layout)
+    return [finished_state(spec, layout, r) for r in range(1, final.round)] + [final]
 
 
 def _write(store: Store, key: str, data: bytes) -> int:
@@ -196,12 +222,13 @@ def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = 
         return globals_message(layout.uri(combined.draws), done)
     check_shards_complete(layout, spec)
     shards = [read_shard(layout, spec, k) for k in range(spec.shards)]
+    states = round_states(spec, layout)
 
     def transforms_of(sites):
         model = shard_model(spec, layout, 0, options.data, options.stats)
         return bijections(model.fn, model.arguments, sites)
 
-    sites_layout, values, constrained, unconstrained, packed = combined_globals(shards, spec, transforms_of)
+    sites_layout, values, constrained, unconstrained, packed = combined_globals(shards, spec, transforms_of, states)
     metadata = {
         "fingerprint": fingerprint,
         "shards": spec.shards,
@@ -210,7 +237,12 @@ def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = 
         "groups": [],
     }
     sites = {name: Site(site.shape, site.unconstrained_shape, True, "latent") for name, site in sites_layout.items()}
-    report = agreement(packed, values, unconstrained_names(sites_layout), list(range(spec.shards)))
+    if states:
+        folder = shard_folders(spec, layout)
+        moments = [read_moments(json.loads(store.read_bytes(folder(k).moments))) for k in range(spec.shards)]
+        report = tilted_agreement(moments, answer(states), states[-1].components, list(range(spec.shards)))
+    else:
+        report = agreement(packed, values, unconstrained_names(sites_layout), list(range(spec.shards)))
     files = {  # names relative to combined/, as in the final marker that lists them again
         DRAWS: _write(store, combined.draws, to_parquet_bytes(Draws(constrained, unconstrained, sites, metadata))),
         AGREEMENT: _write(store, combined.agreement, json.dumps(report, indent=1).encode()),
@@ -238,7 +270,7 @@ def _group_draws(layout: FitLayout, spec: FitSpec, k: int) -> tuple[dict, list[s
         except NotFound:  # a model without group-level sites: nothing was re-sampled
             return {}, []
         return draws.constrained, draws.metadata.get("groups", [])
-    shard = read_shard(layout, spec, k)
+    shard = read_shard(layout, spec, k)  # with EP, the final round's tilted draws
     local = {name: v for name, v in shard.constrained.items() if not shard.sites[name].is_global}
     return local, shard.metadata.get("groups", [])
 
@@ -252,7 +284,10 @@ def _finish(spec: FitSpec, layout: FitLayout, globals_done: dict) -> dict:
     for k in range(spec.shards):
         arrays, labels = _group_draws(layout, spec, k)
         parameters.update(group_summary(arrays, labels, k))
-    rows = [shard_row(k, read_json(store, layout.shard(k).diagnostics)) for k in range(spec.shards)]
+    folder = shard_folders(spec, layout)
+    rows = [shard_row(k, read_json(store, folder(k).diagnostics)) for k in range(spec.shards)]
+    states = round_states(spec, layout)
+    convergence = convergence_report(states) if states else None
     agreement_report = json.loads(store.read_bytes(combined_files.agreement))
     summary = {
         "method": spec.combine["method"],
@@ -263,8 +298,10 @@ def _finish(spec: FitSpec, layout: FitLayout, globals_done: dict) -> dict:
         "globals": globals_,
         "parameters": parameters,
         # the agreement's warnings, then each shard's own convergence trouble
-        "warnings": list(agreement_report["warnings"]) + shard_warnings(rows, WARN_RHAT),
+        "warnings": list(agreement_report["warnings"]) + shard_warnings(rows, WARN_RHAT)
+        + (convergence_warnings(convergence, spec.combine["maxRounds"]) if convergence else []),
         "shard_diagnostics": rows,
+        **({"ep": convergence} if convergence else {}),
     }
     summary_bytes = json.dumps(summary, indent=1, allow_nan=True).encode()
     files = {**globals_done["files"], SUMMARY: _write(store, combined_files.summary, summary_bytes)}

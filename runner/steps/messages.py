@@ -106,6 +106,12 @@ def pod_message(messages: list[dict]) -> dict:
 # ---------------------------------------------------------------- combine and resample
 
 
+def describe_shards(shards: list[int], total: int) -> str:
+    """`shard 3` or `shards 3, 7 (2 of 50)`: at most ten named."""
+    shown = ", ".join(map(str, shards[:10])) + (", …" if len(shards) > 10 else "")
+    return f"shard {shown}" if len(shards) == 1 else f"shards {shown} ({len(shards)} of {total})"
+
+
 def globals_message(uri: str, done: dict) -> dict:
     """The globals stage's message, built from its marker so a retry reports the same."""
     return {"ok": True, "stage": "globals", "uri": uri, "draws": done["draws"], "warnings": done["warnings"]}
@@ -155,3 +161,35 @@ def shard_warnings(rows: list[dict], rhat_limit: float) -> list[str]:
         if r.get("divergences"):
             warnings.append(f"shard {r['shard']}: {r['divergences']} divergent transitions")
     return warnings
+
+
+# ---------------------------------------------------------------- EP rounds
+
+
+def update_message(state) -> dict:
+    """An EP update's message (from its state file, so a retry reports the same): what the
+    operator decides the next round by."""
+    change = state.change or {}
+    return {
+        "ok": True,
+        "round": state.round,
+        "converged": state.converged,
+        "final": state.final,
+        "meanChange": change.get("mean"),
+        "sdChange": change.get("sd"),
+        "damping": state.damping,
+    }
+
+
+def pilot_message(diagnostics: dict) -> dict:
+    """The pilot's message: its convergence, like a shard's, and the shards it sampled."""
+    rhat_max, ess_bulk_min = worst(diagnostics["parameters"].values())
+    return {
+        "ok": True,
+        "round": 0,
+        "shards": diagnostics["pilot_shards"],
+        "rhatMax": rhat_max,
+        "essBulkMin": ess_bulk_min,
+        "divergences": diagnostics["divergences"],
+        "seconds": round(sum(diagnostics["seconds"].values()), 3),
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 
+from ..combine.summaries import group_summary
 from ..inference.diagnostics import parameter_diagnostics
 from ..inference.nuts import SamplerSettings, run_nuts
 from ..inference.tempering import resolve_global_sites
@@ -26,7 +27,8 @@ class ReferenceOptions:
 
 
 def run(spec: FitSpec, layout: FitLayout, options: ReferenceOptions = ReferenceOptions()) -> dict:
-    """Summaries ({component: mean, sd, q05, q50, q95, rhat, ess_bulk, ess_tail}) of the globals."""
+    """Summaries of the globals ({component: mean, sd, q05, q50, q95, rhat, ess_bulk, ess_tail}) and
+    of the group-level parameters (`name[label]`: mean, sd, q05, q50, q95)."""
     store, folder = layout.store, layout.reference
     fingerprint = spec.fingerprint()
     if completed(store, folder.marker, fingerprint):
@@ -38,6 +40,9 @@ def run(spec: FitSpec, layout: FitLayout, options: ReferenceOptions = ReferenceO
     settings = replace(SamplerSettings.from_spec(spec.sampler), seed=spec.seeds.reference)
     samples = run_nuts(model.fn, arguments, settings, model.data_as_arguments)
     summary = parameter_diagnostics(samples, global_sites.latent)
+    # group-level sites by group label, as combined/summary.json names them
+    local = {name: v for name, v in samples.constrained.items() if name in global_sites.local_shapes}
+    summary.update(group_summary(local, [str(label) for label in data.group_labels], 0))
     encoded = json.dumps(summary, indent=1, ensure_ascii=False).encode()
     store.write_bytes(folder.summary, encoded)
     mark_complete(store, folder.marker, fingerprint, {SUMMARY: len(encoded)})

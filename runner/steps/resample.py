@@ -29,12 +29,6 @@ class ResampleOptions:
     stats: str | None = None  # whole-data statistics; default the partition manifest's
 
 
-def describe(shards: list[int], total: int) -> str:
-    """`shard 3`, or `shards 3, 7 (2 of 50)` (at most ten named)."""
-    shown = ", ".join(map(str, shards[:10])) + (", …" if len(shards) > 10 else "")
-    return f"shard {shown}" if len(shards) == 1 else f"shards {shown} ({len(shards)} of {total})"
-
-
 def require_globals(layout: FitLayout, fingerprint: str, what: str) -> dict:
     """The globals stage's marker; the later stages refuse (one line) to run before it."""
     marker = layout.combined.globals.marker

@@ -19,21 +19,23 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from ..combine import ep
+from ..combine.rounds import RoundState, arrays_bytes, global_vector, moments_document, read_arrays
 from ..data.buckets import Bucket, fit_bucket
 from ..data.read import model_rows
 from ..data.shard import ShardData
 from ..errors import BadInput
 from ..inference.cores import cpu_lanes
-from ..inference.diagnostics import parameter_diagnostics
-from ..inference.nuts import CompiledNuts, SamplerSettings, Samples, tree_depth
-from ..inference.tempering import GlobalSites, resolve_global_sites, temper
-from ..layout import DIAGNOSTICS, DRAWS, FitLayout, ShardFolder
+from ..inference.diagnostics import ess_bulk, parameter_diagnostics
+from ..inference.nuts import Adaptation, CompiledNuts, SamplerSettings, Samples, tree_depth
+from ..inference.tempering import GlobalSites, resolve_global_sites, temper, with_cavity
+from ..layout import ADAPTATION, DIAGNOSTICS, DRAWS, MOMENTS, FitLayout, ShardFolder, TiltedFolder
 from ..models.base import Model
 from ..models.from_spec import model_from_spec
 from ..spec import FitSpec
@@ -42,6 +44,7 @@ from ..store.draws import Draws, Site, to_parquet_bytes
 from ..store.storage import Store
 from .inputs import partition_manifest, pod_shard_list, whole_data_stats
 from .messages import pod_message, sample_message
+from .update import check_round, previous_state
 
 IO_THREADS = 4
 
@@ -54,6 +57,29 @@ class SampleOptions:
     data: str | None = None  # the shards' data URI ({shard} replaced); default the partition's
     stats: str | None = None  # whole-data statistics; default the partition manifest's
     expect_shards: int | None = None  # a check: the shard count the spec must declare
+    round: int | None = None  # EP round r ≥ 1: sample each shard's tilted distribution
+
+
+@dataclass(frozen=True)
+class Tilting:
+    """EP round `round`: every shard's cavity from the state after the round before
+    (runner/combine/ep.py), and in rounds after the first the chains' warm starts."""
+
+    round: int
+    state: RoundState
+
+    def folder(self, layout: FitLayout, shard: int) -> TiltedFolder:
+        return layout.round(self.round).shard(shard)
+
+    @property
+    def warm(self) -> bool:
+        return self.round > 1
+
+    def start(self, layout: FitLayout, shard: int) -> Adaptation | None:
+        """Where shard `shard`'s chains ended in the round before (rounds after the first)."""
+        if not self.warm:
+            return None
+        return Adaptation(**read_arrays(layout.store.read_bytes(layout.round(self.round - 1).shard(shard).adaptation)))
 
 
 def run(spec: FitSpec, layout: FitLayout, options: SampleOptions = SampleOptions()) -> dict:
@@ -61,12 +87,16 @@ def run(spec: FitSpec, layout: FitLayout, options: SampleOptions = SampleOptions
     if options.expect_shards is not None and spec.shards != options.expect_shards:
         raise BadInput(f"--shards {options.expect_shards} but the spec declares {spec.shards} shards")
     shards = pod_shard_list(spec, options.shards, options.shards_per_pod)
+    tilting = None
+    if options.round is not None:
+        check_round(spec, options.round)
+        tilting = Tilting(options.round, previous_state(spec, layout, options.round))
     stats = whole_data_stats(layout, options.stats)
     # Shard sizes for the shape bucket describe the partition's output, not other data.
     sizes = None if options.data else (partition_manifest(layout) or {}).get("per_shard")
     return sample_shards(
         spec, shards, lambda k: layout.shard_data(k, options.data), stats, layout.root, sizes,
-        vectorize=options.vectorize,
+        vectorize=options.vectorize, tilting=tilting,
     )
 
 
@@ -109,12 +139,16 @@ class LoadedShard:
     folder: ShardFolder
     data: ShardData
     seconds: float
+    start: Adaptation | None = None  # EP rounds after the first: the warm start
 
 
-def _load(model: Model, spec: FitSpec, shard: int, uri: str, folder: ShardFolder) -> LoadedShard:
+def _load(
+    model: Model, spec: FitSpec, shard: int, uri: str, folder: ShardFolder, layout: FitLayout, tilting
+) -> LoadedShard:
     started = time.perf_counter()
     data = model_rows(model, spec, uri, f"shard {shard} ({uri})")
-    return LoadedShard(shard, folder, data, time.perf_counter() - started)
+    start = tilting.start(layout, shard) if tilting else None
+    return LoadedShard(shard, folder, data, time.perf_counter() - started, start)
 
 
 @dataclass
@@ -128,23 +162,59 @@ class PreparedShard:
     seconds: float
 
 
-def _prepare(model: Model, spec: FitSpec, loaded: LoadedShard, bucket: Bucket | None) -> PreparedShard:
+def _prepare(
+    model: Model, spec: FitSpec, loaded: LoadedShard, bucket: Bucket | None, tilting: Tilting | None
+) -> PreparedShard:
     # Tracing runs on the main thread: NumPyro's handler stack is global.
     started = time.perf_counter()
     data = loaded.data
     unpadded = model.prepare(data)
     global_sites = resolve_global_sites(model.fn, unpadded, model.prepare(data.doubled()), spec.global_sites)
     arguments = model.prepare(data.padded(bucket.rows, bucket.groups)) if bucket else unpadded
-    seed = spec.seeds.sample(loaded.shard)
+    seed = spec.seeds.tilted(tilting.round, loaded.shard) if tilting else spec.seeds.sample(loaded.shard)
+    if tilting and global_sites.latent != tilting.state.sites:
+        raise BadInput(
+            f"shard {loaded.shard} has global sites {global_sites.latent}, the pilot had {tilting.state.sites}: "
+            "declare spec.model.globalSites"
+        )
     return PreparedShard(loaded, global_sites, arguments, seed, loaded.seconds + time.perf_counter() - started)
 
 
+def sampling_diagnostics(samples: Samples, global_sites: GlobalSites, settings: SamplerSettings) -> dict:
+    """What NUTS saw: the global parameters' convergence, divergences, trees and step sizes."""
+    depth = tree_depth(samples.num_steps)
+    return {
+        "parameters": parameter_diagnostics(samples, global_sites.latent),
+        "divergences": int(samples.diverging.sum()),
+        "mean_tree_depth": float(depth.mean()),
+        "max_tree_depth_hits": int((depth >= settings.max_tree_depth).sum()),
+        "gradient_evaluations": int(samples.num_steps.sum()),
+        "step_size": [float(s) for s in samples.step_size],
+        "programs": samples.programs,
+    }
+
+
+def tilted_moments(samples: Samples, tilting: Tilting) -> dict:
+    """A shard's tilted mean and precision (runner/combine/ep.py), as moments.json."""
+    u = global_vector(samples.unconstrained, tilting.state.sites)
+    ess = min(ess_bulk(u[..., j]) for j in range(u.shape[-1]))
+    moments = ep.tilted_moments(u, samples.global_gradient, ess)
+    return moments_document(moments, ess)
+
+
 def _write(
-    spec: FitSpec, store: Store, prepared: PreparedShard, samples: Samples, settings: SamplerSettings, bucket
+    spec: FitSpec, store: Store, prepared: PreparedShard, samples: Samples, settings: SamplerSettings, bucket,
+    tilting: Tilting | None,
 ) -> dict:
-    """Draws, diagnostics and the marker of one sampled shard; its termination summary."""
+    """Draws, diagnostics and the marker of one sampled shard (with EP, its tilted moments and
+    warm start too); its termination summary."""
     started = time.perf_counter()
     loaded, global_sites = prepared.loaded, prepared.global_sites
+    files = {}
+    if tilting:
+        folder = loaded.folder
+        files[MOMENTS] = _put(store, folder.moments, json.dumps(tilted_moments(samples, tilting)).encode())
+        files[ADAPTATION] = _put(store, folder.adaptation, arrays_bytes(asdict(samples.adaptation)))
     samples = trimmed(samples, global_sites.local_shapes)
     fingerprint = spec.fingerprint()
     metadata = {
@@ -153,24 +223,20 @@ def _write(
         "shards": spec.shards,
         "groups": [str(label) for label in loaded.data.group_labels],
     }
+    if tilting:
+        metadata["round"] = tilting.round
     draws_bytes = to_parquet_bytes(shard_draws(samples, global_sites, metadata))
-    depth = tree_depth(samples.num_steps)
     diagnostics = {
         "shard": loaded.shard,
         "shards": spec.shards,
+        **({"round": tilting.round} if tilting else {}),
         "fingerprint": fingerprint,
         "rows": loaded.data.rows,
         "groups": loaded.data.groups,
         "padded": {"rows": bucket.rows, "groups": bucket.groups} if bucket else None,
         "global_sites": global_sites.latent,
-        "parameters": parameter_diagnostics(samples, global_sites.latent),
-        "divergences": int(samples.diverging.sum()),
-        "mean_tree_depth": float(depth.mean()),
-        "max_tree_depth_hits": int((depth >= settings.max_tree_depth).sum()),
-        "gradient_evaluations": int(samples.num_steps.sum()),
-        "step_size": [float(s) for s in samples.step_size],
+        **sampling_diagnostics(samples, global_sites, settings),
         "seconds": {"load": prepared.seconds, **samples.seconds},
-        "programs": samples.programs,
     }
     folder = loaded.folder
     store.write_bytes(folder.draws, draws_bytes)
@@ -180,9 +246,14 @@ def _write(
     diagnostics_bytes = json.dumps(diagnostics, indent=1).encode()
     store.write_bytes(folder.diagnostics, diagnostics_bytes)
     mark_complete(
-        store, folder.marker, fingerprint, {DRAWS: len(draws_bytes), DIAGNOSTICS: len(diagnostics_bytes)}
+        store, folder.marker, fingerprint, {**files, DRAWS: len(draws_bytes), DIAGNOSTICS: len(diagnostics_bytes)}
     )
     return sample_message(diagnostics)
+
+
+def _put(store: Store, key: str, data: bytes) -> int:
+    store.write_bytes(key, data)
+    return len(data)
 
 
 def _same_global_sites(prepared: list[PreparedShard]) -> None:
@@ -205,6 +276,7 @@ def sample_shards(
     pad: bool = True,
     vectorize: int | None = None,
     lanes: int | None = None,
+    tilting: Tilting | None = None,
 ) -> dict:
     """Sample `shards` of `spec` (rows of shard k at `data_uri(k)`), write under `out_uri`.
 
@@ -213,7 +285,8 @@ def sample_shards(
     comparison). `vectorize`: shards per call of the compiled program; default all of them on an
     accelerator, one on a CPU (whose cores a vectorised NUTS step does not fill better than one
     shard's). `lanes`: calls running at once, in threads; default one on an accelerator, one per
-    core on a CPU (`cores.cpu_lanes`). Returns the pod's termination message (`pod_message`).
+    core on a CPU (`cores.cpu_lanes`). `tilting`: an EP round (its shards' folders, cavities and
+    warm starts). Returns the pod's termination message (`pod_message`).
     """
     layout = FitLayout(out_uri)
     store = layout.store
@@ -222,38 +295,61 @@ def sample_shards(
     todo = []
     for k in shards:
         spec.check_shard(k)
-        folder = layout.shard(k)
+        folder = tilting.folder(layout, k) if tilting else layout.shard(k)
         if completed(store, folder.marker, fingerprint):
             summaries[k] = sample_message(json.loads(store.read_bytes(folder.diagnostics)))
         else:
             todo.append((k, folder))
     if todo:
         model = model_from_spec(spec, stats)
-        settings = SamplerSettings.from_spec(spec.sampler)
+        settings = SamplerSettings.from_spec(spec.round_settings if tilting and tilting.warm else spec.sampler)
         on_cpu = jax.default_backend() == "cpu"
         width = min(vectorize or (1 if on_cpu else len(todo)), len(todo))
         lanes = lanes or (cpu_lanes() if on_cpu else 1)
         with ThreadPoolExecutor(IO_THREADS) as io:
-            loads = [io.submit(_load, model, spec, k, data_uri(k), folder) for k, folder in todo]
+            loads = [io.submit(_load, model, spec, k, data_uri(k), folder, layout, tilting) for k, folder in todo]
             if model.data_as_arguments and pad:
-                written = _sample_padded(spec, store, model, stats, settings, loads, shard_sizes, width, lanes, io)
+                written = _sample_padded(
+                    spec, store, model, stats, settings, loads, shard_sizes, width, lanes, io, tilting
+                )
             else:
-                written = _sample_one_by_one(spec, store, model, settings, loads, io)
+                written = _sample_one_by_one(spec, store, model, settings, loads, io, tilting)
             summaries.update({summary["shard"]: summary for summary in (f.result() for f in written)})
-    return pod_message([summaries[k] for k in shards])
+    message = pod_message([summaries[k] for k in shards])
+    return {**message, "round": tilting.round} if tilting else message
 
 
 def _sampler(
-    spec: FitSpec, model: Model, settings, first: PreparedShard, batch: int, identity: str | None = None
+    spec: FitSpec, model: Model, settings, first: PreparedShard, batch: int, identity: str | None,
+    tilting: Tilting | None,
 ) -> CompiledNuts:
-    """The compiled sampler of `batch` shards shaped like `first`; `identity`: see CompiledNuts."""
+    """The compiled sampler of `batch` shards shaped like `first`; `identity`: see CompiledNuts.
+    In an EP round the tempered model times its cavity (the cavity an argument of the programs)."""
     tempered = temper(model.fn, frozenset(first.global_sites.latent), 1.0 / spec.shards)
-    return CompiledNuts(tempered, first.arguments, settings, batch, model.data_as_arguments, identity)
+    if tilting is None:
+        return CompiledNuts(tempered, first.arguments, settings, batch, model.data_as_arguments, identity)
+    sites = tilting.state.sites
+    start = first.loaded.start
+    return CompiledNuts(
+        with_cavity(tempered, sites), first.arguments, settings, batch, model.data_as_arguments, identity,
+        global_names=sites, cavity_dims=len(tilting.state.components),
+        warm=start.position.shape[-1] if start is not None else 0,
+    )
+
+
+def _run(sampler: CompiledNuts, batch: list[PreparedShard], tilting: Tilting | None) -> list[Samples]:
+    """Sample a batch of prepared shards (in an EP round: each with its cavity and warm start)."""
+    arguments, seeds = [p.arguments for p in batch], [p.seed for p in batch]
+    if tilting is None:
+        return sampler.run(arguments, seeds)
+    cavities = [tilting.state.cavity(p.loaded.shard) for p in batch]
+    starts = [p.loaded.start for p in batch] if tilting.warm else None
+    return sampler.run(arguments, seeds, [(c.mean, c.precision) for c in cavities], starts)
 
 
 def _sample_padded(
     spec: FitSpec, store: Store, model: Model, stats, settings: SamplerSettings, loads: list[Future], shard_sizes,
-    width: int, lanes: int, io,
+    width: int, lanes: int, io, tilting: Tilting | None,
 ) -> list[Future]:
     """Every shard padded to one bucket; one program, compiled once, samples `width` shards a
     call, `lanes` calls at once.
@@ -268,21 +364,23 @@ def _sample_padded(
     else:  # no manifest: the bucket of the largest shard here
         loaded = [f.result() for f in loads]
         bucket = fit_bucket(None, max(s.data.rows for s in loaded), max(s.data.groups for s in loaded))
-    head = _prepare(model, spec, first, bucket)
+    head = _prepare(model, spec, first, bucket, tilting)
     # What the model is, for the program store: the fit's spec, the statistics it was built
     # from, and the global (tempered) sites.
     identity = json.dumps([spec.fingerprint(), stats, head.global_sites.latent], sort_keys=True, default=str)
-    sampler = _sampler(spec, model, settings, head, width, identity)
+    sampler = _sampler(spec, model, settings, head, width, identity, tilting)
 
     def sample(batch: list[PreparedShard]) -> list[Future]:
-        results = sampler.run([p.arguments for p in batch], [p.seed for p in batch])
-        return [io.submit(_write, spec, store, p, samples, settings, bucket) for p, samples in zip(batch, results)]
+        results = _run(sampler, batch, tilting)
+        return [
+            io.submit(_write, spec, store, p, samples, settings, bucket, tilting) for p, samples in zip(batch, results)
+        ]
 
     with ThreadPoolExecutor(lanes) as running:
         sampled = []
         try:
             for start in range(0, len(loads), width):
-                batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket)
+                batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket, tilting)
                          for i in range(start, min(start + width, len(loads)))]
                 _same_global_sites([head] + batch)
                 sampled.append(running.submit(sample, batch))
@@ -292,13 +390,15 @@ def _sample_padded(
             raise
 
 
-def _sample_one_by_one(spec: FitSpec, store: Store, model: Model, settings, loads: list[Future], io) -> list[Future]:
+def _sample_one_by_one(
+    spec: FitSpec, store: Store, model: Model, settings, loads: list[Future], io, tilting: Tilting | None
+) -> list[Future]:
     """Models with their data as constants: one program per shard; the next shard loads meanwhile."""
     written = []
     for future in loads:
-        prepared = _prepare(model, spec, future.result(), None)
-        samples = _sampler(spec, model, settings, prepared, 1).run([prepared.arguments], [prepared.seed])[0]
-        written.append(io.submit(_write, spec, store, prepared, samples, settings, None))
+        prepared = _prepare(model, spec, future.result(), None, tilting)
+        samples = _run(_sampler(spec, model, settings, prepared, 1, None, tilting), [prepared], tilting)[0]
+        written.append(io.submit(_write, spec, store, prepared, samples, settings, None, tilting))
     return written
 
 

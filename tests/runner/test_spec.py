@@ -15,7 +15,10 @@ def test_defaults_fill_everything_optional():
                        "metadata": {"name": "a", "namespace": "n"}, "spec": MINIMAL})
     assert (fit.name, fit.namespace, fit.shards) == ("a", "n", 1)
     assert fit.sampler == specs.DEFAULTS["sampler"]
-    assert fit.combine == {"method": "consensus", "groupParameters": "resample"}
+    assert fit.combine == {
+        "method": "ep", "groupParameters": "resample", "maxRounds": 8, "damping": 0.5, "pilotShare": 0.15,
+        "tolerance": {"mean": 0.05, "sd": 0.05},
+    }
     assert fit.global_sites is None and fit.group_column == "g"
 
 
@@ -34,6 +37,10 @@ def test_defaults_fill_everything_optional():
         ({"sampler": {"targetAcceptProb": 1.0}}, "targetAcceptProb must be in (0, 1)"),
         ({"combine": {"method": "average"}}, "spec.combine.method 'average' is not one of"),
         ({"combine": {"groupParameters": "drop"}}, "groupParameters 'drop' is not one of"),
+        ({"combine": {"maxRounds": 0}}, "spec.combine.maxRounds must be an integer >= 1"),
+        ({"combine": {"damping": 0}}, "spec.combine.damping must be in (0, 1]"),
+        ({"combine": {"pilotShare": 1.5}}, "spec.combine.pilotShare must be in (0, 1]"),
+        ({"combine": {"tolerance": {"mean": -1, "sd": 0.1}}}, "spec.combine.tolerance needs positive mean and sd"),
     ],
 )
 def test_refusals_name_the_field(change, reason):
