@@ -3,8 +3,8 @@
 Two kinds of series:
 - histograms observed when something happens (a phase ends, a shard finishes, a pod starts),
   fed by what the planner reports as new in a pass;
-- per-fit values (phase, retries, failed shards, convergence) exported from the latest observed
-  state, so they are right after an operator restart instead of starting again from zero.
+- per-fit values (phase, retries, failed shards, convergence, EP's rounds) exported from the latest
+  observed state, so they are right after an operator restart instead of starting again from zero.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .children import SAMPLE
+from .children import samples_shards
 from .observe import JobView, PodView, parse_time
 from .planner import Plan, TERMINAL_PHASES
 
@@ -31,6 +31,7 @@ class FitSnapshot:
     retries: int  # shard pods beyond the first of each shard
     failed_shards: int
     diagnostics: Mapping[str, Any]
+    rounds: Mapping[str, Any] | None = None  # status.rounds of an EP fit
 
 
 class _FitCollector(Collector):
@@ -75,6 +76,37 @@ class _FitCollector(Collector):
         yield retries
         yield failures
         yield from gauges.values()
+        yield from _round_families(fits)
+
+
+def _round_families(fits: Mapping[tuple[str, str], FitSnapshot]) -> Iterator:
+    """EP's progress per fit (status.rounds): only fits that run rounds have these series."""
+    labels = ["namespace", "fit"]
+    completed = CounterMetricFamily(
+        "consensusfit_ep_rounds_completed", "EP rounds whose update completed.", labels=labels)
+    gauges = {
+        "current": GaugeMetricFamily(
+            "consensusfit_ep_round", "The EP round in progress (0 while the pilot runs).", labels=labels),
+        "max": GaugeMetricFamily("consensusfit_ep_max_rounds", "spec.combine.maxRounds.", labels=labels),
+        "meanChange": GaugeMetricFamily(
+            "consensusfit_ep_mean_change", "How far the latest round moved q's means, in its SDs (largest).",
+            labels=labels),
+        "sdChange": GaugeMetricFamily(
+            "consensusfit_ep_sd_change", "How far the latest round moved q's SDs, relative (largest).",
+            labels=labels),
+        "converged": GaugeMetricFamily(
+            "consensusfit_ep_converged", "1 once EP converged, 0 before or when it stopped at maxRounds.",
+            labels=labels),
+    }
+    for (namespace, name), snapshot in sorted(fits.items()):
+        if snapshot.rounds is None:
+            continue
+        completed.add_metric([namespace, name], snapshot.rounds.get("completed", 0))
+        for key, family in gauges.items():
+            if snapshot.rounds.get(key) is not None:
+                family.add_metric([namespace, name], float(snapshot.rounds[key]))
+    yield completed
+    yield from gauges.values()
 
 
 class Metrics:
@@ -109,7 +141,7 @@ class Metrics:
         if plan.exited and state["phase"] in TERMINAL_PHASES and start and end:
             self.fit_duration.labels(namespace, state["phase"]).observe((end - start).total_seconds())
         for pod in plan.finished:
-            if pod.step == SAMPLE and pod.phase == "Succeeded" and pod.started and pod.finished:
+            if samples_shards(pod.step) and pod.phase == "Succeeded" and pod.started and pod.finished:
                 seconds = (pod.report or {}).get("seconds", (pod.finished - pod.started).total_seconds())
                 self.shard_duration.labels(namespace, name).observe(seconds)
         first = _first_attempts(pods)
@@ -118,12 +150,13 @@ class Metrics:
             since = job.created if pod.uid in first and job else pod.created
             if since is not None:
                 self.queue_wait.labels(namespace, name).observe(max(0.0, (pod.started - since).total_seconds()))
-        shard_pods = [p for p in pods if p.step == SAMPLE]
+        shard_pods = [p for p in pods if samples_shards(p.step)]  # sample, or every EP round
         self._fits[namespace, name] = FitSnapshot(
             phase=state["phase"],
-            retries=len(shard_pods) - len({p.index for p in shard_pods}),
+            retries=len(shard_pods) - len({(p.step, p.index) for p in shard_pods}),
             failed_shards=state.get("shards", {}).get("failed", 0),
             diagnostics=state.get("diagnostics", {}),
+            rounds=state.get("rounds"),
         )
 
     def forget(self, namespace: str, name: str) -> None:

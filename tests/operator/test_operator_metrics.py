@@ -6,7 +6,7 @@ import subprocess
 import sys
 from datetime import timedelta
 
-from cfit_support import COMBINE_REPORT, T0, job, make_fit, pod, shard_report
+from cfit_support import COMBINE_REPORT, T0, ep_fit, job, make_fit, pod, round_report, shard_report, update_report
 from prometheus_client import generate_latest
 
 from consensusfit.operator.children import STEPS
@@ -38,6 +38,30 @@ def test_phase_durations_fit_duration_and_per_fit_series():
 
     metrics.forget("default", "fvc")
     assert 'fit="fvc"' not in generate_latest(metrics.registry).decode()
+
+
+def test_ep_rounds_are_exported_per_fit_from_the_status():
+    metrics = Metrics()
+    fit = ep_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {s: job(s, "Complete", succeeded=3) for s in ("partition", "pilot", "round-1", "update-1")}
+    jobs["round-2"] = job("round-2", active=2, succeeded=1)
+    pods = [pod("round-1", 0, report=round_report(1, 0, seconds=30)),
+            pod("round-2", 0, report=round_report(2, 0, seconds=8)),  # the same shard, another round
+            pod("update-1", report=update_report(1, False, mean=0.25, sd=0.125))]
+    result = plan(fit, jobs, pods, NOW, Config())
+    metrics.record("default", "fvc", result, jobs, pods)
+    text = generate_latest(metrics.registry).decode()
+    series = '{fit="fvc",namespace="default"}'
+    assert f"consensusfit_ep_round{series} 2.0" in text
+    assert f"consensusfit_ep_rounds_completed_total{series} 1.0" in text
+    assert f"consensusfit_ep_max_rounds{series} 8.0" in text
+    assert f"consensusfit_ep_mean_change{series} 0.25" in text and f"consensusfit_ep_sd_change{series} 0.125" in text
+    assert f"consensusfit_ep_converged{series} 0.0" in text
+    assert f"consensusfit_shard_duration_seconds_sum{series} 38.0" in text  # every round's shard pods
+    assert f"consensusfit_shard_retries_total{series} 0.0" in text  # a new round is no retry
+    one_shot = Metrics()
+    one_shot.record("default", "fvc", plan(make_fit(), {}, [], NOW, Config()), {}, [])
+    assert "consensusfit_ep_round{" not in generate_latest(one_shot.registry).decode()
 
 
 def test_the_operator_never_imports_jax_or_the_runner():

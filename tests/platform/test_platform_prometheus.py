@@ -20,10 +20,12 @@ from platform_support import (ALERTS, ROOT, alert_rules, dashboard, dashboard_qu
                               promql_metric_names, tool)
 from prometheus_client import generate_latest, start_http_server
 
+from consensusfit.operator.config import Config
 from consensusfit.operator.metrics import Metrics
+from consensusfit.operator.planner import plan
 
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
-from cfit_support import make_fit, shard_report  # noqa: E402
+from cfit_support import T0, ep_fit, job, make_fit, pod, shard_report, update_report  # noqa: E402
 from test_operator_kmock import FITS, Cluster, declare_resources, operator  # noqa: E402
 
 SCRAPE_JOB = "consensusfit-operator"
@@ -32,7 +34,7 @@ SCRAPE_JOB = "consensusfit-operator"
 def test_promtool_check_rules():
     out = subprocess.run([tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 7 rules found" in out.stdout
+    assert "SUCCESS: 8 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_fire_and_do_not_fire_every_alert():
@@ -75,7 +77,8 @@ def test_alerts_and_dashboard_name_only_metrics_the_operator_exports():
     # The panels the issue asks for: fits by phase, shard latency, queue wait, convergence per fit.
     assert {"consensusfit_fits", "consensusfit_shard_duration_seconds_bucket",
             "consensusfit_queue_wait_seconds_bucket", "consensusfit_fit_rhat_max",
-            "consensusfit_fit_ess_bulk_min", "consensusfit_fit_divergences"} <= used
+            "consensusfit_fit_ess_bulk_min", "consensusfit_fit_divergences",
+            "consensusfit_ep_round", "consensusfit_ep_mean_change", "consensusfit_ep_sd_change"} <= used
 
 
 def test_dashboard_loads_as_a_grafana_dashboard():
@@ -239,6 +242,17 @@ async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
             assert alerts["ConsensusFitRhatHigh"]["labels"]["fit"] == "fvc"
             assert alerts["ConsensusFitRhatHigh"]["annotations"]["summary"] == "ConsensusFit default/fvc: shard R-hat 1.03"
             assert not {"ConsensusFitFailed", "ConsensusFitOperatorDown", "ConsensusFitStuck"} & alerts.keys()
+
+            # An EP fit in its second round, as a reconcile pass records it: its round series too.
+            ep_jobs = {s: job(s, "Complete", succeeded=3, fit="ep") for s in ("partition", "pilot", "round-1",
+                                                                              "update-1")}
+            ep_jobs["round-2"] = job("round-2", active=3, fit="ep")
+            ep_pods = [pod("update-1", report=update_report(1, False, mean=0.25, sd=0.125))]
+            ep_pass = plan(ep_fit(status={"phase": "Sampling"}), ep_jobs, ep_pods, T0, Config())
+            metrics.record("default", "ep", ep_pass, ep_jobs, ep_pods)
+            await until(lambda: value(prometheus, 'consensusfit_ep_round{fit="ep"}') == 2, "the EP round scraped")
+            assert value(prometheus, 'consensusfit_ep_mean_change{fit="ep"}') == 0.25
+            assert value(prometheus, 'consensusfit_ep_rounds_completed_total{fit="ep"}') == 1
 
             # Every dashboard query is valid PromQL for this Prometheus; the instant ones have data.
             for title, expr in dashboard_queries(dashboard()):
