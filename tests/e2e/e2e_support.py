@@ -334,6 +334,8 @@ def scale_manifest(name: str, shards: int, bucket: str) -> dict:
             "data": {"uri": f"{bucket}/scale-data/", "groupColumn": "g"},
             "shards": shards,
             "model": {"formula": "y ~ 1 + (1 | g)"},
+            # One-shot: kwok completes the steps of a one-shot fit (scripts/cluster.py).
+            "combine": {"method": "consensus"},
             "output": {"uri": f"{bucket}/fits/"},
         },
     }

@@ -79,6 +79,19 @@ def s3_keys(uri: str) -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+def restart(operator) -> None:
+    """SIGKILL the operator (no chance to clean up) and start a fresh one."""
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+
+
+def wait_succeeded(api: Api, name: str, timeout: float, operator) -> dict:
+    fit = wait_phase(api, name, ("Succeeded", "Failed"), timeout, operator)
+    assert fit["status"]["phase"] == "Succeeded", json.dumps(fit["status"], indent=1)
+    return fit
+
+
 def operator_requests(cluster, user: str, verb: str, resource: str) -> list[dict]:
     return [e for e in cluster.audit_events()
             if e["user"]["username"] == user and e["verb"] == verb
@@ -112,13 +125,10 @@ def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, op
     wait_phase(api, name, ("Sampling",), 300, operator)
     before = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
     assert f"{name}-shards" in before
-    operator.kill()
-    time.sleep(2)
-    operator.start()
+    restart(operator)
 
-    fit = wait_phase(api, name, ("Succeeded", "Failed"), 600, operator)
+    fit = wait_succeeded(api, name, 600, operator)
     status = fit["status"]
-    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert set(status["result"]["parameters"]) >= {"mu", "tau", "sigma"}
     assert 0.5 < status["result"]["parameters"]["mu"]["mean"] < 2.5
     assert status["shards"]["total"] == 2 and status["shards"]["succeeded"] == 2
@@ -165,6 +175,75 @@ def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, op
     cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
     wait_for(lambda: not api.jobs(name) and not api.pods(name), 120, "the fit's Jobs and pods to go")
     assert s3_keys(root) == keys
+    executor.fits.discard(name)
+
+
+def test_an_ep_fit_runs_three_rounds_end_to_end_through_an_operator_restart(cluster, operator, executor, bucket):
+    """An EP fit (the default method) on the real control plane: the pilot, then three rounds, each
+    an Indexed Job of real runner pods and an update, then combining. The tolerance is too tight to
+    converge before maxRounds (3), so all three rounds run. The operator is SIGKILLed while round 2
+    samples; the new one neither repeats nor skips a round."""
+    api, name = Api(cluster), "ep-rounds"
+    executor.fits.add(name)
+    combine = {"method": "ep", "maxRounds": 3, "tolerance": {"mean": 1e-6, "sd": 1e-6}, "groupParameters": "keep"}
+    # Enough draws that Monte Carlo noise cannot pass for convergence in round 1 (whose SDs shrink
+    # from the pilot's half of the data).
+    apply(cluster, render_fit(name, bucket, combine=combine, sampler={"warmup": 100, "samples": 300,
+                                                                      "chains": 1, "seed": 1}))
+
+    def in_round_2():
+        fit = api.fit(name)
+        if not operator.alive():
+            raise AssertionError(f"the operator exited:\n{operator.log_tail()}")
+        status = fit.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"the fit ended before round 2 was seen: {json.dumps(status)[:2000]}")
+        return (status.get("rounds") or {}).get("current") == 2
+
+    wait_for(in_round_2, 600, "round 2 to start")
+    before = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
+    assert {f"{name}-pilot", f"{name}-round-1", f"{name}-update-1", f"{name}-round-2"} <= set(before), before
+    restart(operator)
+
+    fit = wait_succeeded(api, name, 900, operator)
+    status = fit["status"]
+    rounds = status["rounds"]
+    assert (rounds["current"], rounds["completed"], rounds["max"]) == (3, 3, 3), rounds
+    converged = next(c for c in status["conditions"] if c["type"] == "Converged")
+    if rounds["converged"]:
+        assert (converged["status"], converged["reason"]) == ("True", "Converged"), converged
+    else:
+        assert (converged["status"], converged["reason"]) == ("False", "MaxRoundsReached"), converged
+        assert "maxRounds (3) without converging" in converged["message"]
+    assert {c["type"] for c in status["conditions"] if c["status"] == "True"} >= {
+        "Partitioned", "Piloted", "Sampled", "Updated", "GlobalsCombined", "Succeeded"}
+    assert set(status["result"]["parameters"]) >= {"mu", "tau", "sigma"}
+    assert 0.5 < status["result"]["parameters"]["mu"]["mean"] < 2.5
+
+    # Every round ran each shard once, as real runner pods of that round's Indexed Job.
+    runs = [r for r in executor.runs if r["fit"] == name]
+    for r in (1, 2, 3):
+        assert sorted((run["index"], run["exit"]) for run in runs if run["step"] == f"round-{r}") == [
+            ("0", 0), ("1", 0)], runs
+        assert [run["exit"] for run in runs if run["step"] == f"update-{r}"] == [0]
+    steps = [run["step"] for run in runs if run["index"] is None]
+    assert steps == ["partition", "pilot", "update-1", "update-2", "update-3", "globals", "combine"], steps
+
+    # No Job twice across the restart, none recreated, no fourth round.
+    expected = ["partition", "pilot", "round-1", "update-1", "round-2", "update-2", "round-3", "update-3",
+                "globals", "combine"]
+    jobs = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
+    assert sorted(jobs) == sorted(f"{name}-{s}" for s in expected)
+    assert all(jobs[job] == uid for job, uid in before.items())
+    creates = [e for e in operator_requests(cluster, operator.user, "create", "jobs")
+               if e["objectRef"].get("name", "").startswith(f"{name}-") and e["responseStatus"]["code"] == 201]
+    assert len(creates) == len(expected), [e["objectRef"]["name"] for e in creates]
+
+    root = f"{bucket}/fits/{NAMESPACE}/{name}/{fit['metadata']['uid']}/"
+    keys = s3_keys(root)
+    assert all(any(k.endswith(f"rounds/{r}/state.json") for k in keys) for r in (0, 1, 2, 3)), keys
+    assert not any("rounds/4/" in k for k in keys)
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
     executor.fits.discard(name)
 
 

@@ -4,7 +4,8 @@ kmock stores objects and streams watch events but runs no controllers, so the te
 controller: it creates the pods a Job would run, with the termination messages the runner writes
 (docs/contract.md), and marks the Jobs complete. One shard's first pod crashes and is retried; the
 operator is stopped mid-fit and a fresh one runs the three Jobs of Combining (globals, the Indexed
-re-sampling Job, combine) to the end; finally the fit is deleted.
+re-sampling Job, combine) to the end; finally the fit is deleted. An EP fit runs its pilot and
+three rounds, the operator restarted in the middle of one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import aiohttp
 import kmock as kmocklib
 import kopf
 import pytest
-from cfit_support import COMBINE_REPORT, GLOBALS_REPORT, make_fit, resample_report, shard_report
+from cfit_support import (
+    COMBINE_REPORT,
+    GLOBALS_REPORT,
+    PILOT_REPORT,
+    ep_fit,
+    make_fit,
+    resample_report,
+    round_report,
+    shard_report,
+    update_report,
+)
 from kubernetes.client import ApiClient, Configuration
 from prometheus_client import generate_latest
 
@@ -148,19 +159,25 @@ class Cluster:
         await self.finish_job(combine, succeeded=1)
 
 
+@contextlib.asynccontextmanager
+async def fit_posted(kmock: kmocklib.KubernetesEmulator, fit: dict):
+    """The mock server with the fit created in it: (its URL, the test's side of the API)."""
+    declare_resources(kmock)
+    url = str(kmock.url).rstrip("/")
+    fit["metadata"]["resourceVersion"] = "1"  # kopf's patches test it; kmock does not assign one
+    async with aiohttp.ClientSession(base_url=url) as http:
+        async with http.post(FITS, json=fit) as response:
+            assert response.status < 300
+        yield url, Cluster(http)
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
-    declare_resources(kmock)
-    url = str(kmock.url).rstrip("/")
     metrics = Metrics()
     fit = make_fit()
-    fit["metadata"]["resourceVersion"] = "1"  # kopf's patches test it; kmock does not assign one
-    async with aiohttp.ClientSession(base_url=url) as http:
-        cluster = Cluster(http)
-        async with http.post(FITS, json=fit) as response:
-            assert response.status < 300
-
+    async with fit_posted(kmock, fit) as (url, cluster):
+        http = cluster.http
         async with operator(url, metrics):
             partition = await cluster.job("fvc-partition")
             await cluster.phase("Partitioning")
@@ -223,3 +240,65 @@ async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
             async def forgotten():
                 return 'fit="fvc"' not in generate_latest(metrics.registry).decode()
             await cluster.wait(forgotten)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_an_ep_fit_runs_pilot_and_three_rounds_across_an_operator_restart(kmock):
+    metrics = Metrics()
+    updates = {1: update_report(1, False, mean=0.9, sd=0.3), 2: update_report(2, False, mean=0.2, sd=0.06),
+               3: update_report(3, True, mean=0.01, sd=0.005)}
+
+    async def run_round(cluster: Cluster, r: int, shards: range = range(3)) -> dict:
+        job = await cluster.job(f"fvc-round-{r}")
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 3
+        command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[1] == "sample" and command[-2:] == ["--round", str(r)]
+        for k in shards:
+            await cluster.run_pod(job, index=k, report=round_report(r, k, rhat=1.0 + r / 1000))
+        return job
+
+    async def update(cluster: Cluster, r: int) -> None:
+        job = await cluster.job(f"fvc-update-{r}")
+        await cluster.run_pod(job, report=updates[r])
+        await cluster.finish_job(job, succeeded=1)
+
+    async with fit_posted(kmock, ep_fit(max_rounds=5)) as (url, cluster):
+        async with operator(url, metrics):
+            partition = await cluster.job("fvc-partition")
+            await cluster.run_pod(partition, report={"ok": True, "rows": 1549, "groups": 176})
+            await cluster.finish_job(partition, succeeded=1)
+            pilot = await cluster.job("fvc-pilot")
+            await cluster.phase("Sampling")
+            await cluster.run_pod(pilot, report=PILOT_REPORT)
+            await cluster.finish_job(pilot, succeeded=1)
+            await cluster.finish_job(await run_round(cluster, 1), succeeded=3)
+            await update(cluster, 1)
+            round_2 = await run_round(cluster, 2, range(2))  # shard 2 still sampling when the operator goes
+
+        # Down mid-round: round 2 finishes and its update runs meanwhile; a new operator goes on.
+        await cluster.run_pod(round_2, index=2, report=round_report(2, 2))
+        await cluster.finish_job(round_2, succeeded=3)
+        async with operator(url, metrics):
+            await update(cluster, 2)
+            await cluster.finish_job(await run_round(cluster, 3), succeeded=3)
+            await update(cluster, 3)
+            await cluster.combine()
+            done = await cluster.phase("Succeeded")
+
+            status = done["status"]
+            assert status["rounds"] == {"current": 3, "completed": 3, "max": 5, "converged": True,
+                                        "meanChange": 0.01, "sdChange": 0.005}
+            kinds = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+            assert kinds["Converged"] == ("True", "Converged") and kinds["Sampled"] == ("True", "RoundSampled")
+            names = sorted(j["metadata"]["name"] for j in (await cluster.get(JOBS))["items"])
+            assert names == sorted(f"fvc-{s}" for s in (
+                "partition", "pilot", "round-1", "update-1", "round-2", "update-2", "round-3", "update-3",
+                "globals", "resample", "combine"))  # each once: no fourth round, none twice
+            events = posted_events(kmock)
+            started = [e["message"] for e in events if e.get("reason") == "RoundStarted"]
+            assert {"round 1 of at most 5: Job fvc-round-1", "round 3 of at most 5: Job fvc-round-3"} <= set(started)
+            assert "Converged" in {e["reason"] for e in events}
+            exported = generate_latest(metrics.registry).decode()
+            assert 'consensusfit_ep_rounds_completed_total{fit="fvc",namespace="default"} 3.0' in exported
+            assert 'consensusfit_ep_converged{fit="fvc",namespace="default"} 1.0' in exported
