@@ -185,7 +185,9 @@ def test_an_ep_fit_runs_three_rounds_end_to_end_through_an_operator_restart(clus
     samples; the new one neither repeats nor skips a round."""
     api, name = Api(cluster), "ep-rounds"
     executor.fits.add(name)
-    combine = {"method": "ep", "maxRounds": 3, "tolerance": {"mean": 1e-6, "sd": 1e-6}, "groupParameters": "keep"}
+    # 0.0001, not smaller: JSON writes 1e-05 for smaller numbers, which the runner's YAML parser of
+    # --spec reads as a string (YAML 1.1 wants a dot in a float).
+    combine = {"method": "ep", "maxRounds": 3, "tolerance": {"mean": 0.0001, "sd": 0.0001}, "groupParameters": "keep"}
     # Enough draws that Monte Carlo noise cannot pass for convergence in round 1 (whose SDs shrink
     # from the pilot's half of the data).
     apply(cluster, render_fit(name, bucket, combine=combine, sampler={"warmup": 100, "samples": 300,
