@@ -70,20 +70,20 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def spec_for(name: str, data: dict, shards: int, method: str, sampler: dict):
+def spec_for(name: str, data: dict, shards: int, method: str, sampler: dict, groups: str = "keep"):
     folder = RUNS / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "data.parquet"
     if not path.exists():
         pq.write_table(data["table"](), path)
     return parse({
-        "metadata": {"name": f"{name}-k{shards}-{method}"},
+        "metadata": {"name": f"{name}-k{shards}-{method}-{groups}"},
         "spec": {
             "data": {"uri": str(path), "groupColumn": data["group"]},
             "shards": shards,
             "model": data["model"],
             "sampler": sampler,
-            "combine": {"method": method, "groupParameters": "keep"},
+            "combine": {"method": method, "groupParameters": groups},
             "output": {"uri": str(folder / "runs")},
             "runner": {"shardsPerPod": shards},  # one process, a lane per core
         },
@@ -115,8 +115,12 @@ def long_reference(name: str, data: dict, sampler: dict) -> tuple[dict, float]:
 
 
 def fitted(name: str, data: dict, shards: int, method: str, sampler: dict) -> tuple[dict, float]:
-    spec = spec_for(name, data, shards, method, sampler)
-    path = RUNS / name / f"fit-k{shards}-{method}-w{sampler['warmup']}-s{sampler['samples']}-c{sampler['chains']}.json"
+    """`method` is a combine method, optionally with `+resample` (group-level draws re-sampled given
+    the combined ones; else the shards' own, with EP the last round's)."""
+    method, _, groups = method.partition("+")
+    spec = spec_for(name, data, shards, method, sampler, groups or "keep")
+    suffix = f"-{groups}" if groups else ""
+    path = RUNS / name / f"fit-k{shards}-{method}{suffix}-w{sampler['warmup']}-s{sampler['samples']}-c{sampler['chains']}.json"
     quiet = Progress(shards, write=lambda line: None)
     return timed_summary(path, lambda: run_fit(spec, workers=2, reference=False, progress=quiet).summary)
 
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="osic-176", help="comma-separated: " + ", ".join(datasets()))
     parser.add_argument("--shards", default=None, help="comma-separated K (default: 5,20,50 for osic, the data set's own for real data)")
-    parser.add_argument("--methods", default="ep,consensus")
+    parser.add_argument("--methods", default="ep,consensus", help="e.g. ep,consensus,ep+resample")
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--chains", type=int, default=2)

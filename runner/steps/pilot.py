@@ -3,8 +3,13 @@
 Without a good start EP converges slowly: a cavity built from a vague prior conflicts with each
 shard's data. The pilot samples the union of the first m = max(1, pilotShare·K) shards (a
 seeded-hash share of the groups) with the global sites tempered by m/K: exactly the product of
-those m sites, so q₀ = N(mean, cov) of its draws is centred where the posterior is, and wider than
-it by about K/m, no prior overweighted. Every site starts as q₀^(1/K) (runner/combine/ep.py).
+those m sites, so q₀, the Gaussian of its draws, is centred where the posterior is, and wider than
+it by about K/m, no prior overweighted. q₀ takes the median and interquartile range of each
+component (`ep.robust_moments`): a hierarchical scale's long left tail on so few groups would
+otherwise make the start far too wide. Every site starts as q₀^(1/K) (runner/combine/ep.py).
+
+Measured (benchmarks/accuracy.py, radon at K = 10): with the sample mean and covariance the
+county scale's log started at −5.8 ± 5.2 and EP had not converged after 8 rounds (0.34 SD off).
 
 Writes `rounds/0/draws.parquet`, `rounds/0/diagnostics.json`, `rounds/0/state.json`, then the
 round's marker; a completed pilot returns at once.
@@ -16,7 +21,6 @@ import json
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
 from ..combine import ep
@@ -70,7 +74,7 @@ def run(spec: FitSpec, layout: FitLayout, options: PilotOptions = PilotOptions()
 
     u = global_vector(samples.unconstrained, sites)
     flat = u.reshape(-1, u.shape[-1])
-    start = ep.from_pilot(flat.mean(0), np.atleast_2d(np.cov(flat.T)), spec.shards, widen=1.0)
+    start = ep.from_pilot(ep.robust_moments(flat), spec.shards)
     components = [
         c for name in sites for c in component_names(name, samples.unconstrained[name].shape[2:])
     ]

@@ -24,7 +24,7 @@ def test_gaussian_sites_converge_to_the_exact_product():
     true_shift = rng.normal(size=(shards, d))
     exact = ep.approximation(ep.Sites(true_precision, true_shift))
 
-    sites = ep.from_pilot(np.zeros(d), 10 * np.eye(d), shards, widen=1.0)
+    sites = ep.from_pilot(ep.Gaussian(np.zeros(d), np.eye(d) / 10), shards)
     for _ in range(60):
         tilted = [exact_tilted(true_precision[k], true_shift[k], ep.cavity(sites, k)) for k in range(shards)]
         sites = ep.update(sites, tilted, damping=0.5).sites
@@ -40,7 +40,7 @@ def test_undamped_gaussian_sites_are_exact_after_one_round():
     d, shards = 2, 4
     true_precision = np.stack([random_spd(rng, d) for _ in range(shards)])
     true_shift = rng.normal(size=(shards, d))
-    sites = ep.from_pilot(rng.normal(size=d), random_spd(rng, d), shards, widen=2.0)
+    sites = ep.from_pilot(ep.Gaussian(rng.normal(size=d), random_spd(rng, d)), shards)
     tilted = [exact_tilted(true_precision[k], true_shift[k], ep.cavity(sites, k)) for k in range(shards)]
     updated = ep.update(sites, tilted, damping=1.0)
     assert updated.damping == 1.0
@@ -128,3 +128,14 @@ def test_change_is_measured_in_posterior_sds():
     change = ep.change(before, after)
     assert change.mean == pytest.approx(0.1)
     assert change.sd == pytest.approx(1.0)  # sd 0.5 -> 1
+
+
+def test_robust_pilot_moments_ignore_a_long_tail_and_match_a_gaussian():
+    rng = np.random.default_rng(6)
+    gaussian = rng.multivariate_normal([1.0, -2.0], [[1.0, 0.6], [0.6, 4.0]], size=20000)
+    robust = ep.robust_moments(gaussian)
+    np.testing.assert_allclose(robust.mean, [1.0, -2.0], atol=0.05)
+    np.testing.assert_allclose(robust.cov, [[1.0, 0.6], [0.6, 4.0]], rtol=0.06, atol=0.03)
+    # a log-scale whose left tail runs off: 10% of the draws far out
+    tailed = np.concatenate([rng.normal(0.0, 1.0, 9000), rng.normal(-30.0, 10.0, 1000)])[:, None]
+    assert ep.robust_moments(tailed).sd[0] < 1.5 < tailed.std()
