@@ -283,7 +283,15 @@ def parse(document: dict) -> FitSpec:
 
 
 def loads(text: str) -> FitSpec:
-    """Parse YAML or JSON text (JSON is YAML)."""
+    """Parse JSON (an object: what the operator and the local pipeline pass) or YAML text.
+
+    JSON is read as JSON, not as YAML: YAML 1.1 reads JSON's `1e-05` as a string.
+    """
+    if text.lstrip().startswith("{"):
+        try:
+            return parse(json.loads(text))
+        except json.JSONDecodeError:
+            pass  # YAML flow mappings start with "{" too
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -73,3 +73,12 @@ def test_load_reads_files_json_and_refuses_missing(tmp_path):
     assert specs.load(json.dumps(MINIMAL))[0].fingerprint() == fit.fingerprint()
     with pytest.raises(BadInput, match="does not exist"):
         specs.load(str(tmp_path / "nope.yaml"))
+
+
+def test_json_numbers_in_exponent_form_stay_numbers():
+    """The operator and the local pipeline pass the spec as JSON, which writes 0.00001 as 1e-05:
+    YAML 1.1 would read that as a string."""
+    document = {"spec": {**MINIMAL, "shards": 2, "combine": {"tolerance": {"mean": 1e-05, "sd": 1e-05}}}}
+    fit = specs.loads(json.dumps(document))
+    assert fit.combine["tolerance"] == {"mean": 1e-05, "sd": 1e-05}
+    assert specs.loads("{spec: {data: {uri: x}, model: {formula: 'y ~ 1'}}}").data == {"uri": "x"}
