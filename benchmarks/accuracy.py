@@ -70,20 +70,20 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def spec_for(name: str, data: dict, shards: int, method: str, sampler: dict, groups: str = "keep"):
+def spec_for(name: str, data: dict, shards: int, method: str, sampler: dict, groups: str = "keep", combine=None):
     folder = RUNS / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "data.parquet"
     if not path.exists():
         pq.write_table(data["table"](), path)
     return parse({
-        "metadata": {"name": f"{name}-k{shards}-{method}-{groups}"},
+        "metadata": {"name": f"{name}-k{shards}-{method}-{groups}" + "".join(f"-{k}{v}" for k, v in sorted((combine or {}).items())).lower()},
         "spec": {
             "data": {"uri": str(path), "groupColumn": data["group"]},
             "shards": shards,
             "model": data["model"],
             "sampler": sampler,
-            "combine": {"method": method, "groupParameters": groups},
+            "combine": {"method": method, "groupParameters": groups, **(combine or {})},
             "output": {"uri": str(folder / "runs")},
             "runner": {"shardsPerPod": shards},  # one process, a lane per core
         },
@@ -114,12 +114,12 @@ def long_reference(name: str, data: dict, sampler: dict) -> tuple[dict, float]:
     return timed_summary(RUNS / name / tag, run)
 
 
-def fitted(name: str, data: dict, shards: int, method: str, sampler: dict) -> tuple[dict, float]:
+def fitted(name: str, data: dict, shards: int, method: str, sampler: dict, combine=None) -> tuple[dict, float]:
     """`method` is a combine method, optionally with `+resample` (group-level draws re-sampled given
     the combined ones; else the shards' own, with EP the last round's)."""
     method, _, groups = method.partition("+")
-    spec = spec_for(name, data, shards, method, sampler, groups or "keep")
-    suffix = f"-{groups}" if groups else ""
+    spec = spec_for(name, data, shards, method, sampler, groups or "keep", combine)
+    suffix = (f"-{groups}" if groups else "") + "".join(f"-{k}{v}" for k, v in sorted((combine or {}).items()))
     path = RUNS / name / f"fit-k{shards}-{method}{suffix}-w{sampler['warmup']}-s{sampler['samples']}-c{sampler['chains']}.json"
     quiet = Progress(shards, write=lambda line: None)
     return timed_summary(path, lambda: run_fit(spec, workers=2, reference=False, progress=quiet).summary)
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--chains", type=int, default=2)
+    parser.add_argument("--damping", type=float, help="EP's spec.combine.damping (default: the spec's)")
     parser.add_argument("--out", help="also append the table rows (Markdown) to this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
             results = {}
             for method in args.methods.split(","):
                 started = time.time()
-                summary, cpu = fitted(name, data, k, method, sampler)
+                combine = {"damping": args.damping} if args.damping and method.startswith("ep") else None
+                summary, cpu = fitted(name, data, k, method, sampler, combine)
                 results[method] = (summary, cpu, compare(summary, truth), time.time() - started)
             one_shot_cpu = results.get("consensus", (None, None))[1]
             for method, (summary, cpu, c, wall) in results.items():
@@ -183,9 +185,9 @@ def main(argv=None) -> int:
                 if summary.get("ep") and not summary["ep"]["converged"]:
                     rounds = f"{rounds} (not converged)"
                 row = (
-                    f"| {name} | {method} | {k} | {groups / k:.1f} | {abs(error):.2f} ({worst}) | "
+                    f"| {name} | {method}{f' (damping {args.damping})' if combine else ''} | {k} | {groups / k:.1f} | {abs(error):.2f} ({worst}) | "
                     f"{c['ratios'][0]:.2f}–{c['ratios'][1]:.2f} | {rounds} | {cpu:.0f} | "
-                    f"{cpu / one_shot_cpu:.1f} | " if one_shot_cpu else "- | "
+                    + (f"{cpu / one_shot_cpu:.1f} | " if one_shot_cpu else "- | ")
                 )
                 row += (
                     f"{cpu / reference_cpu:.1f} | "

@@ -51,9 +51,9 @@ from ..contract import ALL_STAGES, FINISH_STAGE, GLOBALS_STAGE
 from ..errors import BadInput
 from ..layout import AGREEMENT, DRAWS, SUMMARY, FitLayout, ShardFolder
 from ..spec import FitSpec
-from ..store.completion import check_fingerprint, completed, mark_complete, read_json
+from ..store.completion import check_fingerprint, completed, mark_complete, read_json, write_output
 from ..store.draws import Draws, Site, component_names, from_parquet_bytes, to_parquet_bytes
-from ..store.storage import NotFound, Store
+from ..store.storage import NotFound
 from .inputs import shard_model
 from .messages import combine_message, describe_shards, globals_message, shard_row, shard_warnings
 from .resample import ResampleOptions, require_globals
@@ -203,12 +203,6 @@ def round_states(spec: FitSpec, layout: FitLayout) -> list[RoundState]:
     return [finished_state(spec, layout, r) for r in range(1, final.round)] + [final]
 
 
-def _write(store: Store, key: str, data: bytes) -> int:
-    """Write one output file; its size, for the marker that vouches for it."""
-    store.write_bytes(key, data)
-    return len(data)
-
-
 def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = CombineOptions()) -> dict:
     """Stage `globals`: combine the shards' global draws; write them and the shards' agreement.
 
@@ -244,8 +238,8 @@ def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = 
     else:
         report = agreement(packed, values, unconstrained_names(sites_layout), list(range(spec.shards)))
     files = {  # names relative to combined/, as in the final marker that lists them again
-        DRAWS: _write(store, combined.draws, to_parquet_bytes(Draws(constrained, unconstrained, sites, metadata))),
-        AGREEMENT: _write(store, combined.agreement, json.dumps(report, indent=1).encode()),
+        DRAWS: write_output(store, combined.draws, to_parquet_bytes(Draws(constrained, unconstrained, sites, metadata))),
+        AGREEMENT: write_output(store, combined.agreement, json.dumps(report, indent=1).encode()),
     }
     chains, draws = values.shape[:2]
     done = mark_complete(
@@ -304,6 +298,6 @@ def _finish(spec: FitSpec, layout: FitLayout, globals_done: dict) -> dict:
         **({"ep": convergence} if convergence else {}),
     }
     summary_bytes = json.dumps(summary, indent=1, allow_nan=True).encode()
-    files = {**globals_done["files"], SUMMARY: _write(store, combined_files.summary, summary_bytes)}
+    files = {**globals_done["files"], SUMMARY: write_output(store, combined_files.summary, summary_bytes)}
     mark_complete(store, combined_files.marker, spec.fingerprint(), files, combine=spec.combine)
     return combine_message(layout.uri(combined_files.prefix), {k: parameters[k] for k in globals_})

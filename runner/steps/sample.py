@@ -39,7 +39,7 @@ from ..layout import ADAPTATION, DIAGNOSTICS, DRAWS, MOMENTS, FitLayout, ShardFo
 from ..models.base import Model
 from ..models.from_spec import model_from_spec
 from ..spec import FitSpec
-from ..store.completion import completed, mark_complete
+from ..store.completion import completed, mark_complete, write_output
 from ..store.draws import Draws, Site, to_parquet_bytes
 from ..store.storage import Store
 from .inputs import partition_manifest, pod_shard_list, whole_data_stats
@@ -213,8 +213,8 @@ def _write(
     files = {}
     if tilting:
         folder = loaded.folder
-        files[MOMENTS] = _put(store, folder.moments, json.dumps(tilted_moments(samples, tilting)).encode())
-        files[ADAPTATION] = _put(store, folder.adaptation, arrays_bytes(asdict(samples.adaptation)))
+        files[MOMENTS] = write_output(store, folder.moments, json.dumps(tilted_moments(samples, tilting)).encode())
+        files[ADAPTATION] = write_output(store, folder.adaptation, arrays_bytes(asdict(samples.adaptation)))
     samples = trimmed(samples, global_sites.local_shapes)
     fingerprint = spec.fingerprint()
     metadata = {
@@ -250,10 +250,6 @@ def _write(
     )
     return sample_message(diagnostics)
 
-
-def _put(store: Store, key: str, data: bytes) -> int:
-    store.write_bytes(key, data)
-    return len(data)
 
 
 def _same_global_sites(prepared: list[PreparedShard]) -> None:

@@ -44,6 +44,12 @@ def completed(store: Store, marker: str, fingerprint: str) -> dict | None:
     return document
 
 
+def write_output(store: Store, key: str, data: bytes) -> int:
+    """Write one of a step's files; its size, for the marker that vouches for it."""
+    store.write_bytes(key, data)
+    return len(data)
+
+
 def mark_complete(store: Store, marker: str, fingerprint: str, files: dict[str, int], **extra) -> dict:
     """Write the marker naming the step's files (relative to its folder) and their sizes: the
     step is complete."""
