@@ -167,12 +167,14 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--damping", type=float, help="EP's spec.combine.damping (default: the spec's)")
+    parser.add_argument("--reference", default="1000,4000,4", help="the reference's warmup,samples,chains")
     parser.add_argument("--out", help="also append the table rows (Markdown) to this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     configure_jax()
     sampler = {"warmup": args.warmup, "samples": args.samples, "chains": args.chains, "seed": 0}
-    reference_sampler = {"warmup": 1000, "samples": 4000, "chains": 4, "seed": 1}
+    warmup, samples, chains = (int(x) for x in args.reference.split(","))
+    reference_sampler = {"warmup": warmup, "samples": samples, "chains": chains, "seed": 1}
     available = datasets()
     header = (
         "| data | method | K | groups a shard | max \\|mean error\\| (ref SDs) | SD ratio range | rounds | "
