@@ -132,7 +132,7 @@ def pooled_tilted(name: str, data: dict, shards: int, sampler: dict, combine=Non
     distribution is close to the posterior), summarised like combined/summary.json's globals."""
     spec = spec_for(name, data, shards, "ep", sampler, "keep", combine)
     layout = FitLayout(fit_root(spec))
-    final = update.final_state(spec, layout).round
+    final = update.round_states(spec, layout)[-1].round
     draws = [from_parquet_bytes(layout.store.read_bytes(layout.round(final).shard(k).draws)) for k in range(shards)]
     pooled = {
         site: np.concatenate([d.constrained[site] for d in draws], axis=1) for site in draws[0].global_names()

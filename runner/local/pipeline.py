@@ -183,7 +183,7 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
     progress.phase("summarising")
     combine.run(spec, layout, combine.CombineOptions(FINISH_STAGE))
     store = layout.store
-    folder = combine.shard_folders(spec, layout)
+    folder = combine.shard_folders(layout, update.round_states(spec, layout))
     diagnostics = [json.loads(store.read_bytes(folder(k).diagnostics)) for k in range(spec.shards)]
     summary = json.loads(store.read_bytes(layout.combined.summary))
     full = None
@@ -216,7 +216,7 @@ def convergence_plot(spec: FitSpec, layout: FitLayout, reference: dict | None) -
     if not spec.uses_rounds:
         return None
     store = layout.store
-    states = [update.finished_state(spec, layout, 0)] + combine.round_states(spec, layout)
+    states = [update.finished_state(spec, layout, 0)] + update.round_states(spec, layout)
     combined = from_parquet_bytes(store.read_bytes(layout.combined.draws))
     sites = {name: combined.sites[name] for name in combined.global_names()}
     model = shard_model(spec, layout, 0, None, None)
@@ -230,7 +230,7 @@ def present(result: FitResult, spec: FitSpec) -> dict:
     layout = FitLayout(result.root)
     store = layout.store
     names = list(result.diagnostics[0]["parameters"])
-    folder = combine.shard_folders(spec, layout)
+    folder = combine.shard_folders(layout, update.round_states(spec, layout))
     shards = [
         scalar_components(from_parquet_bytes(store.read_bytes(folder(k).draws)).constrained)
         for k in range(len(result.diagnostics))

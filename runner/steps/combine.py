@@ -58,7 +58,7 @@ from .inputs import shard_model
 from .messages import combine_message, describe_shards, globals_message, shard_row, shard_warnings
 from .resample import ResampleOptions, require_globals
 from .resample import run as resample_shard
-from .update import final_state, finished_state
+from .update import round_states
 
 WARN_RHAT = 1.01
 
@@ -111,19 +111,16 @@ def combine_fit(spec: FitSpec, out_uri: str, stage: str = ALL_STAGES, data_uri: 
 # ---------------------------------------------------------------- reading and checking shards
 
 
-def shard_folders(spec: FitSpec, layout: FitLayout) -> Callable[[int], ShardFolder]:
-    """Where each shard's draws to combine are: `shards/<k>/`, or with EP the final round's
-    `rounds/<R>/shards/<k>/` (refused while rounds remain)."""
-    if not spec.uses_rounds:
-        return layout.shard
-    return layout.round(final_state(spec, layout).round).shard
+def shard_folders(layout: FitLayout, states: list[RoundState]) -> Callable[[int], ShardFolder]:
+    """Where each shard's draws to combine are: `shards/<k>/`, or with EP (`states`, from
+    `round_states`) the final round's `rounds/<R>/shards/<k>/`."""
+    return layout.round(states[-1].round).shard if states else layout.shard
 
 
-def check_shards_complete(layout: FitLayout, spec: FitSpec) -> None:
+def check_shards_complete(layout: FitLayout, spec: FitSpec, folder: Callable[[int], ShardFolder]) -> None:
     """Every shard has `_SUCCESS.json` with this fit's fingerprint; else one line naming them."""
     store, fingerprint = layout.store, spec.fingerprint()
     missing, incomplete = [], []
-    folder = shard_folders(spec, layout)
     for k in range(spec.shards):
         shard = folder(k)
         success = read_json(store, shard.marker)
@@ -156,9 +153,10 @@ def _check_finite(draws: Draws, where: str) -> None:
                 )
 
 
-def read_shard(layout: FitLayout, spec: FitSpec, k: int) -> Draws:
-    """Shard k's draws, checked: fingerprint, shard count, finite values."""
-    where, key = f"shard {k}", shard_folders(spec, layout)(k).draws
+def read_shard(layout: FitLayout, spec: FitSpec, k: int, folder: Callable[[int], ShardFolder]) -> Draws:
+    """Shard k's draws (in `folder(k)`, see `shard_folders`), checked: fingerprint, shard count,
+    finite values."""
+    where, key = f"shard {k}", folder(k).draws
     try:
         draws = from_parquet_bytes(layout.store.read_bytes(key))
     except NotFound:
@@ -195,14 +193,6 @@ def combined_globals(shards: list[Draws], spec: FitSpec, transforms_of, states: 
     return layout, values, constrain(unconstrained, transforms_of(layout)), unconstrained, packed
 
 
-def round_states(spec: FitSpec, layout: FitLayout) -> list[RoundState]:
-    """With EP, the state after every round, the first to the final one; else none."""
-    if not spec.uses_rounds:
-        return []
-    final = final_state(spec, layout)
-    return [finished_state(spec, layout, r) for r in range(1, final.round)] + [final]
-
-
 def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = CombineOptions()) -> dict:
     """Stage `globals`: combine the shards' global draws; write them and the shards' agreement.
 
@@ -214,9 +204,10 @@ def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = 
     fingerprint = spec.fingerprint()
     if done := completed(store, combined.globals.marker, fingerprint):
         return globals_message(layout.uri(combined.draws), done)
-    check_shards_complete(layout, spec)
-    shards = [read_shard(layout, spec, k) for k in range(spec.shards)]
     states = round_states(spec, layout)
+    folder = shard_folders(layout, states)
+    check_shards_complete(layout, spec, folder)
+    shards = [read_shard(layout, spec, k, folder) for k in range(spec.shards)]
 
     def transforms_of(sites):
         model = shard_model(spec, layout, 0, options.data, options.stats)
@@ -232,7 +223,6 @@ def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = 
     }
     sites = {name: Site(site.shape, site.unconstrained_shape, True, "latent") for name, site in sites_layout.items()}
     if states:
-        folder = shard_folders(spec, layout)
         moments = [read_moments(json.loads(store.read_bytes(folder(k).moments))) for k in range(spec.shards)]
         report = tilted_agreement(moments, answer(states), states[-1].components, list(range(spec.shards)))
     else:
@@ -256,7 +246,7 @@ def unresampled_shards(layout: FitLayout, spec: FitSpec) -> list[int]:
     ]
 
 
-def _group_draws(layout: FitLayout, spec: FitSpec, k: int) -> tuple[dict, list[str]]:
+def _group_draws(layout: FitLayout, spec: FitSpec, k: int, folder: Callable[[int], ShardFolder]) -> tuple[dict, list[str]]:
     """Shard k's group-level draws: re-sampled ones, or (keep) the shard's own."""
     if spec.combine["groupParameters"] == "resample":
         try:
@@ -264,7 +254,7 @@ def _group_draws(layout: FitLayout, spec: FitSpec, k: int) -> tuple[dict, list[s
         except NotFound:  # a model without group-level sites: nothing was re-sampled
             return {}, []
         return draws.constrained, draws.metadata.get("groups", [])
-    shard = read_shard(layout, spec, k)  # with EP, the final round's tilted draws
+    shard = read_shard(layout, spec, k, folder)  # with EP, the final round's tilted draws
     local = {name: v for name, v in shard.constrained.items() if not shard.sites[name].is_global}
     return local, shard.metadata.get("groups", [])
 
@@ -275,12 +265,12 @@ def _finish(spec: FitSpec, layout: FitLayout, globals_done: dict) -> dict:
     combined = from_parquet_bytes(store.read_bytes(combined_files.draws))
     parameters = global_summary({name: combined.constrained[name] for name in combined.global_names()})
     globals_ = list(parameters)
-    for k in range(spec.shards):
-        arrays, labels = _group_draws(layout, spec, k)
-        parameters.update(group_summary(arrays, labels, k))
-    folder = shard_folders(spec, layout)
-    rows = [shard_row(k, read_json(store, folder(k).diagnostics)) for k in range(spec.shards)]
     states = round_states(spec, layout)
+    folder = shard_folders(layout, states)
+    for k in range(spec.shards):
+        arrays, labels = _group_draws(layout, spec, k, folder)
+        parameters.update(group_summary(arrays, labels, k))
+    rows = [shard_row(k, read_json(store, folder(k).diagnostics)) for k in range(spec.shards)]
     convergence = convergence_report(states) if states else None
     agreement_report = json.loads(store.read_bytes(combined_files.agreement))
     summary = {

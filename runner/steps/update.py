@@ -105,14 +105,19 @@ def run(spec: FitSpec, layout: FitLayout, options: UpdateOptions) -> dict:
     return update_message(state)
 
 
-def final_state(spec: FitSpec, layout: FitLayout) -> RoundState:
-    """The state of the last round (converged or at maxRounds); refused while rounds remain."""
+def round_states(spec: FitSpec, layout: FitLayout) -> list[RoundState]:
+    """With EP, the state after every round, the first to the final one (each read once); else
+    none. Refused while rounds remain."""
+    if not spec.uses_rounds:
+        return []
+    states = []
     for round_ in range(1, spec.combine["maxRounds"] + 1):
         state = finished_state(spec, layout, round_)
         if state is None:
             raise BadInput(
                 f"cannot combine: EP round {round_} is not complete (no {layout.uri(layout.round(round_).marker)})"
             )
+        states.append(state)
         if state.final:
-            return state
+            return states
     raise BadInput("cannot combine: no EP round is final")  # maxRounds' state is always final
