@@ -23,7 +23,7 @@ from cfit_support import (
     update_report,
 )
 
-from consensusfit.operator import children, labels, planner
+from consensusfit.operator import children, labels
 from consensusfit.operator.config import Config
 from consensusfit.operator.planner import Ledger, plan
 

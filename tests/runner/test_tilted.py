@@ -1,6 +1,5 @@
 """EP's tilted sampling: the cavity as program arguments, gradients with the draws, warm starts."""
 
-import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
