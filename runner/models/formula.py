@@ -180,26 +180,36 @@ def _parameters(
     return table
 
 
-def _resolve_priors(table, given: dict, shards: int) -> dict[str, Prior]:
+def given_priors(given: dict | None, shards: int) -> dict[str, Prior]:
+    """`spec.model.priors` parsed, each prior refused if it does not parse, has numbers no sampler
+    can use or is improper once tempered by 1/K: all of it known before any data (every prior a
+    user sets is on a global parameter, so each is tempered)."""
     if given is None:
-        given = {}
+        return {}
     if not isinstance(given, dict):
         raise BadInput("spec.model.priors must be a mapping of parameter name to prior string")
+    parsed = {}
+    for key, text in given.items():
+        where = f"spec.model.priors[{key!r}]"
+        parsed[key] = parse_prior(text, where)
+        check_tempered(parsed[key], shards, where)
+    return parsed
+
+
+def _resolve_priors(table, given: dict | None, shards: int) -> dict[str, Prior]:
+    parsed = given_priors(given, shards)
     known = {key for _, keys, _ in table.values() for key in keys}
-    for key in given:
+    for key in parsed:
         if key not in known:
             names = ", ".join(table)
             raise BadInput(f"spec.model.priors: no parameter {key!r} in this model (parameters: {names})")
-    parsed = {key: parse_prior(text, f"spec.model.priors[{key!r}]") for key, text in given.items()}
     resolved = {}
     for name, (support, keys, default) in table.items():
         key = next((k for k in keys if k in parsed), None)
         if key is None:
             resolved[name] = default
             continue
-        where = f"spec.model.priors[{key!r}]"
-        check_support(parsed[key], support, where)
-        check_tempered(parsed[key], shards, where)
+        check_support(parsed[key], support, f"spec.model.priors[{key!r}]")
         resolved[name] = parsed[key]
     return resolved
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ..data.read import model_rows
 from ..data.shard import ShardData
+from ..errors import BadInput
 from .base import Model
-from .formula import formula_columns, formula_model
+from .formula import formula_columns, formula_model, given_priors
 from .python import python_model, read_source
 
 
@@ -21,12 +22,23 @@ def model_from_spec(spec, stats: dict | None) -> Model:
 def required_columns(spec) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(columns the model reads, those of them that must be numeric), known before any data.
 
-    Partitioning checks these over the whole data set, before any shard is sampled.
+    Partitioning calls this before it reads any data, so that everything about the model that
+    needs no data is refused first, once, with exit 3: a Python model that does not load, a
+    formula that does not parse, priors that do not parse, whose numbers no sampler can use or
+    that are improper once tempered. (Which parameters a formula has, and so which prior fits
+    which, depends on the whole-data statistics.) Partitioning checks the columns over the
+    whole data set, before any shard is sampled.
     """
     python = spec.model.get("python")
     if python:
+        if spec.model.get("priors"):
+            raise BadInput(
+                "spec.model.priors sets the priors of a formula model; a Python model sets its own "
+                f"(in {python['uri']})"
+            )
         model = model_from_spec(spec, None)
         return model.columns, model.numeric
+    given_priors(spec.model.get("priors"), spec.shards)
     return formula_columns(spec.model)
 
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 from ..errors import BadInput
@@ -198,13 +199,30 @@ def parse_prior(text: object, where: str = "prior") -> Prior:
     missing = [names[0] for names in family.arguments if names[0] not in given]
     if missing:
         raise BadInput(f"{where}: prior {text!r}: missing argument(s) {', '.join(missing)}")
-    for name in family.positive:
-        if not given[name] > 0 or given[name] == float("inf"):
-            raise BadInput(f"{where}: prior {text!r}: {name} must be positive and finite")
-    if family_name == "Uniform" and not given["low"] < given["high"]:
-        raise BadInput(f"{where}: prior {text!r}: lower must be below upper")
+    _check_numbers(family_name, family, given, f"{where}: prior {text!r}")
     ordered = tuple((names[0], given[names[0]]) for names in family.arguments)
     return Prior(family_name, ordered, text)
+
+
+# A prior's numbers must survive float32, the precision on a GPU (runner/inference/runtime.py):
+# beyond these NumPyro's log density is infinite or its scale flushes to zero, and sampling fails.
+FLOAT32 = np.finfo(np.float32)
+
+
+def _check_numbers(family_name: str, family: _Family, given: dict[str, float], where: str) -> None:
+    """Refuse numbers no sampler can use: infinite or beyond float32, a positive one below
+    float32's smallest normal number, or a Uniform whose width overflows."""
+    for name, value in given.items():
+        if not abs(value) <= FLOAT32.max:
+            raise BadInput(f"{where}: {name} = {value:g} is not a finite float32 number (|x| <= {FLOAT32.max:.3g})")
+    for name in family.positive:
+        if not given[name] >= FLOAT32.smallest_normal:
+            raise BadInput(f"{where}: {name} must be positive (at least {FLOAT32.smallest_normal:.3g}), got {given[name]:g}")
+    if family_name == "Uniform":
+        if not given["low"] < given["high"]:
+            raise BadInput(f"{where}: lower must be below upper")
+        if not given["high"] - given["low"] <= FLOAT32.max:
+            raise BadInput(f"{where}: upper - lower overflows float32 (at most {FLOAT32.max:.3g})")
 
 
 def check_support(prior: Prior, support: str, where: str) -> None:
