@@ -24,10 +24,8 @@ from .errors import BadInput, TransientError
 from .inference.cores import available_cores
 from .inference.runtime import configure_jax
 from .layout import FitLayout
-from .spec import load
+from .spec import REPOSITORY, load
 from .steps.messages import encode, failure
-
-REPOSITORY = Path(__file__).resolve().parents[1]  # the source checkout, for the examples
 
 
 def write_termination_message(path: str, message: dict) -> None:

@@ -1,15 +1,22 @@
 """The `ConsensusFit` spec as the runner sees it: parsed, defaulted and checked.
 
 The same defaults are declared in the CRD's OpenAPI schema (`manifests/crd.yaml`); a test keeps the
-two in step. Local mode has no API server to apply them, so the runner applies them itself.
+two in step. Local mode has no API server to apply them, so the runner applies them itself, and
+refuses what the API server would: a name or namespace that is not a DNS-1123 label (it becomes a
+folder of the results' path), and a field the CRD's schema does not declare (read from the CRD
+itself, so the accepted fields have one source). YAML aliases are refused: a manifest has no use
+for them, and nested ones expand exponentially once the spec is copied or hashed.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +24,12 @@ import yaml
 
 from .contract import deep_merge
 from .errors import BadInput
+
+REPOSITORY = Path(__file__).resolve().parents[1]  # the source checkout: the examples and the CRD
+CRD = REPOSITORY / "manifests" / "crd.yaml"  # the CRD's one source (scripts/render.sh copies it)
+# What Kubernetes requires of a namespace, and we of a fit's name (docs/contract.md: a folder of
+# the results' path, and the prefix of its Jobs' names): lowercase letters, digits and '-'.
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 ONE_SHOT_METHODS = ("consensus", "gaussian", "swiss")  # runner/combine/methods.py
 COMBINE_METHODS = ("ep",) + ONE_SHOT_METHODS  # ep: rounds over the shards (runner/combine/ep.py)
@@ -260,26 +273,89 @@ def check(spec: dict) -> None:
         )
 
 
+@functools.cache
+def crd_schema() -> dict | None:
+    """The CRD's schema of a whole `ConsensusFit`; None outside a source checkout (an installed
+    runner, as in the image, is given specs that the API server checked against it)."""
+    if not CRD.is_file():
+        return None
+    (version,) = yaml.safe_load(CRD.read_text())["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def refuse_unknown_fields(value: Any, schema: dict, path: str) -> None:
+    """Refuse a key that `schema` (an OpenAPI schema of the CRD) does not declare, naming it, as
+    the API server's strict field validation does. Where the schema lists no properties (as for
+    `metadata`) or keeps unknown fields, any key is accepted."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(value, dict):
+        properties, values = schema.get("properties"), schema.get("additionalProperties")
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if properties is not None and key in properties:
+                refuse_unknown_fields(item, properties[key], where)
+            elif isinstance(values, dict):
+                refuse_unknown_fields(item, values, where)
+            elif properties is not None:
+                known = ", ".join(properties)
+                raise BadInput(f"{where}: unknown field ({path or 'a ConsensusFit'} has {known})")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            refuse_unknown_fields(item, schema["items"], f"{path}[{index}]")
+
+
+def _dns_label(metadata: dict, field: str, default: str) -> str:
+    value = metadata.get(field, default)
+    if not isinstance(value, str) or not DNS_LABEL.fullmatch(value):
+        raise BadInput(
+            f"metadata.{field} {value!r} is not a DNS-1123 label (at most 63 lowercase letters, "
+            "digits and '-', starting and ending with a letter or digit), as Kubernetes requires"
+        )
+    return value
+
+
 def parse(document: dict) -> FitSpec:
-    """Accept a whole `ConsensusFit` object or only its spec; apply defaults; check."""
+    """Accept a whole `ConsensusFit` object or only its spec; refuse fields the CRD does not
+    declare; apply defaults; check."""
     if not isinstance(document, dict):
         raise BadInput("the fit must be a mapping")
+    schema = crd_schema()
     if "spec" in document:
         if document.get("kind", "ConsensusFit") != "ConsensusFit":
             raise BadInput(f"expected kind ConsensusFit, got {document.get('kind')!r}")
         metadata = document.get("metadata") or {}
         body = document["spec"]
+        if schema is not None:
+            refuse_unknown_fields(document, schema, "")
     else:
         metadata, body = {}, document
+        if schema is not None:
+            refuse_unknown_fields(document, schema["properties"]["spec"], "spec")
+    if not isinstance(metadata, dict):
+        raise BadInput("metadata must be a mapping")
     if not isinstance(body, dict):
         raise BadInput("spec must be a mapping")
     spec = deep_merge(DEFAULTS, body)
     check(spec)
     return FitSpec(
         raw=spec,
-        name=metadata.get("name", "fit"),
-        namespace=metadata.get("namespace", "default"),
+        name=_dns_label(metadata, "name", "fit"),
+        namespace=_dns_label(metadata, "namespace", "default"),
     )
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing aliases (`*name`, `<<: *name`) where they appear."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            raise BadInput(
+                f"the fit uses the YAML alias *{alias.anchor} (line {alias.start_mark.line + 1}): "
+                "aliases are not accepted, write the value out"
+            )
+        return super().compose_node(parent, index)
 
 
 def loads(text: str) -> FitSpec:
@@ -293,7 +369,7 @@ def loads(text: str) -> FitSpec:
         except json.JSONDecodeError:
             pass  # YAML flow mappings start with "{" too
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as error:
         raise BadInput(f"the fit is not valid YAML: {error}".splitlines()[0]) from None
     return parse(document)
@@ -302,8 +378,6 @@ def loads(text: str) -> FitSpec:
 def load(argument: str) -> tuple[FitSpec, str]:
     """A spec from literal JSON, a local file or an object-store URI, and the folder it came from
     (against which relative paths in the spec are resolved)."""
-    from pathlib import Path
-
     from .store.storage import NotFound, split_uri
 
     if argument.lstrip().startswith("{"):
@@ -321,8 +395,6 @@ def load(argument: str) -> tuple[FitSpec, str]:
 
 
 def _absolute(uri: str, base: str) -> str:
-    from pathlib import Path
-
     if "://" in uri or Path(uri).is_absolute():
         return uri
     return str((Path(base) / uri).resolve())
