@@ -210,10 +210,17 @@ def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], ima
     return container
 
 
+def runner_settings(fit: Mapping[str, Any], runner_defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The fit's pod settings: its spec.runner over the operator-wide defaults."""
+    return deep_merge(runner_defaults, fit["spec"].get("runner", {}))
+
+
 def _pod_spec(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
     pod = {
         # podFailurePolicy requires Never: every retry is a new pod the Job controller counts.
         "restartPolicy": "Never",
+        # The runner never calls the Kubernetes API: no token unless the fit asks for one.
+        "automountServiceAccountToken": bool(runner.get("automountServiceAccountToken", False)),
         "containers": [_container(fit, step, runner, image)],
         "volumes": [{"name": _SCRATCH_VOLUME, "emptyDir": {}}],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -251,7 +258,7 @@ def job_manifest(
 ) -> dict[str, Any]:
     """The Job for one step of a fit. `runner_defaults` (operator-wide) fill what spec.runner omits."""
     metadata, spec = fit["metadata"], fit["spec"]
-    runner = deep_merge(runner_defaults, spec.get("runner", {}))
+    runner = runner_settings(fit, runner_defaults)
     own = labels.own(metadata["name"], step)
     job_labels = {
         **labels.inheritable(metadata.get("labels")),

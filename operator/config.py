@@ -10,6 +10,33 @@ from typing import Any
 
 from . import __version__
 
+# Volume types a compilation cache may never be, whatever the policy says: a hostPath mounts the node.
+FORBIDDEN_VOLUMES = ("hostPath",)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a fit's spec may ask of its pods, as the cluster admin allows (chart: runner.policy).
+
+    The operator's own runner defaults (image, ServiceAccount) are always allowed.
+    """
+
+    images: tuple[str, ...] = ()  # further images (fnmatch patterns) spec.runner.image may name
+    service_accounts: tuple[str, ...] = ()  # further ServiceAccounts spec.runner.serviceAccountName may name
+    cache_volumes: tuple[str, ...] = ("persistentVolumeClaim", "emptyDir", "csi")  # spec.runner.compilationCache
+    python_models: bool = True  # spec.model.python: trusted code, run in every step beside the credentials
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        given = json.loads(text)
+        defaults = cls()
+        return cls(
+            images=tuple(given.get("images", defaults.images)),
+            service_accounts=tuple(given.get("serviceAccounts", defaults.service_accounts)),
+            cache_volumes=tuple(given.get("cacheVolumes", defaults.cache_volumes)),
+            python_models=bool(given.get("pythonModels", defaults.python_models)),
+        )
+
 
 @dataclass(frozen=True)
 class Config:
@@ -23,6 +50,10 @@ class Config:
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
     # Namespaces to watch; empty: the whole cluster.
     namespaces: tuple[str, ...] = ()
+    # How long a fit may be Blocked (pods that cannot start, Jobs that cannot create them) before it
+    # fails with the block's reason: long enough for a cluster autoscaler to add a GPU node.
+    blocked_grace_seconds: float = 600.0
+    policy: Policy = field(default_factory=Policy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -34,4 +65,6 @@ class Config:
             metrics_port=int(env.get("CONSENSUSFIT_METRICS_PORT", defaults.metrics_port)),
             liveness_endpoint=env.get("CONSENSUSFIT_LIVENESS_ENDPOINT", defaults.liveness_endpoint),
             namespaces=tuple(filter(None, env.get("CONSENSUSFIT_WATCH_NAMESPACES", "").split(","))),
+            blocked_grace_seconds=float(env.get("CONSENSUSFIT_BLOCKED_GRACE_SECONDS", defaults.blocked_grace_seconds)),
+            policy=Policy.from_json(env.get("CONSENSUSFIT_RUNNER_POLICY", "{}")),
         )

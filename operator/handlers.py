@@ -1,17 +1,25 @@
-"""The kopf handlers: observe, call the planner, apply. No decisions here.
+"""The kopf handlers and the reconcile loop: observe, call the planner, apply. No decisions here.
 
 - Two indexes keep a summary of every Job and pod labelled with a fit (kopf fills them from
-  watches, and fully before any handler runs, so a restarted operator sees all children at once).
-- A timer reconciles each fit every `resync_seconds`: it reads the fit's children from the
-  indexes, plans, applies the plan, and lets kopf write the status patch.
-- A watch on fits forgets the metrics of deleted fits.
-The operator writes only its children, the fit's status, Events, and (through kopf's timer) a
-finalizer; never the spec.
+  watches, and fully before any resource handler runs, so a restarted operator sees all children at once).
+- A watch on fits keeps the latest body of every fit; kopf calls it only once the indexes are full,
+  so no fit is planned from a partial view of its children. It forgets deleted fits (and their metrics).
+- One loop, started with the operator, reconciles every known fit each `resync_seconds`: it reads
+  the fit's children from the indexes, plans, applies the plan, writes the status and posts the events.
+  Not a kopf timer or daemon: those put a finalizer on every fit, and a finalizer outlives an
+  uninstalled operator, blocking the deletion of fits, their namespaces and the CRD.
+The operator writes only its children, the fit's status and Events; never the spec, and no finalizer
+(kopf removes the one that versions with timers left on a fit).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import kopf
 from kubernetes.client import ApiClient
@@ -23,6 +31,9 @@ from .kube import PLURAL, Kube
 from .labels import FIT
 from .metrics import Metrics
 
+log = logging.getLogger(__name__)
+_RECONCILER = "reconciler"  # the loop's task in the operator's memo
+
 
 def register(
     registry: kopf.OperatorRegistry, config: Config, api: ApiClient, metrics: Metrics
@@ -30,6 +41,9 @@ def register(
     """Declare the handlers on `registry` (tests pass their own, with their own config)."""
     kube = Kube(api)
     ours = {FIT: kopf.PRESENT}
+    fits: dict[tuple[str, str], dict] = {}  # (namespace, name) -> the fit as last seen
+    seen: dict[tuple[str, str], planner.Ledger] = {}
+    refused: dict[tuple[str, str], dict[str, planner.Refusal]] = {}  # the last pass's refused creates
 
     @kopf.index("batch", "v1", "jobs", id="fit_jobs", labels=ours, registry=registry)
     def fit_jobs(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: object) -> dict:
@@ -39,26 +53,58 @@ def register(
     def fit_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: object) -> dict:
         return {(namespace, labels[FIT]): observe.pod_view(body)}
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=config.resync_seconds, registry=registry)
-    def reconcile(
-        body: kopf.Body, namespace: str, name: str, patch: kopf.Patch, memo: kopf.Memo,
-        fit_jobs: kopf.Index, fit_pods: kopf.Index, **_: object,
-    ) -> None:
-        key = (namespace, name)
-        jobs = {job.step: job for job in fit_jobs.get(key, [])}
-        pods = list(fit_pods.get(key, []))
-        result = planner.plan(body, jobs, pods, datetime.now(UTC), config, memo.get("seen", planner.Ledger()))
-        kube.apply(namespace, name, result)
-        memo["seen"] = result.seen
-        if result.status:
-            patch["status"] = result.status
-        for event in result.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-        metrics.record(namespace, name, result, jobs, pods)
-
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def forget_deleted(event: kopf.RawEvent, namespace: str, name: str, **_: object) -> None:
+    def fit_seen(event: kopf.RawEvent, namespace: str, name: str, **_: object) -> None:
+        key = (namespace, name)
         if event["type"] == "DELETED":
+            for memory in (fits, seen, refused):
+                memory.pop(key, None)
             metrics.forget(namespace, name)
+        else:
+            fits[key] = event["object"]
+
+    def reconcile(fit: dict, jobs: kopf.Index, pods: kopf.Index) -> None:
+        metadata = fit["metadata"]
+        key = (namespace, name) = (metadata["namespace"], metadata["name"])
+        own = planner.children_of(fit, list(jobs.get(key, [])), list(pods.get(key, [])))
+        obstacles = planner.Obstacles(
+            foreign=own.foreign,
+            failed_creates=kube.failed_creates(namespace, planner.podless(own.jobs, own.pods)),
+            refused=refused.get(key, {}),
+        )
+        result = planner.plan(fit, own.jobs, own.pods, datetime.now(UTC), config, seen.get(key, planner.Ledger()),
+                              obstacles)
+        refused[key] = kube.apply(namespace, name, result)
+        seen[key] = result.seen
+        if result.status and (stored := kube.patch_status(namespace, name, result.status)) is not None:
+            # The next pass plans from the status just written, even before the watch brings it.
+            if key in fits and fits[key]["metadata"].get("uid") == metadata.get("uid"):
+                fits[key] = stored
+        kube.post_events(fit, result.events)
+        metrics.record(namespace, name, result, own.jobs, list(own.pods))
+
+    def reconcile_all(jobs: kopf.Index, pods: kopf.Index) -> None:
+        for fit in list(fits.values()):
+            try:
+                reconcile(fit, jobs, pods)
+            except Exception:  # one fit's failure (the API refusing a patch) must not stall the others
+                log.exception("reconciling %s/%s", fit["metadata"]["namespace"], fit["metadata"]["name"])
+
+    async def reconcile_forever(jobs: kopf.Index, pods: kopf.Index) -> None:
+        while True:
+            # The Kubernetes client blocks: off the event loop that runs kopf's watches.
+            await asyncio.to_thread(reconcile_all, jobs, pods)
+            await asyncio.sleep(config.resync_seconds)
+
+    @kopf.on.startup(registry=registry)
+    async def start_reconciling(memo: kopf.Memo, fit_jobs: kopf.Index, fit_pods: kopf.Index, **_: Any) -> None:
+        memo[_RECONCILER] = asyncio.create_task(reconcile_forever(fit_jobs, fit_pods))
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_reconciling(memo: Mapping[str, Any], **_: Any) -> None:
+        task = memo[_RECONCILER]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     return registry

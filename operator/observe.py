@@ -20,6 +20,8 @@ from . import labels
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # The pod condition of a pod preempted, evicted or on a node gone (retried without counting).
 DISRUPTION_TARGET = "DisruptionTarget"
+# The scheduler's reason on PodScheduled=False when no node fits the pod (not SchedulingGated: a queue's).
+UNSCHEDULABLE = "Unschedulable"
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -34,6 +36,11 @@ def indexes(ranges: str | None) -> tuple[int, ...]:
         first, _, last = part.partition("-")
         named.extend(range(int(first), int(last or first) + 1))
     return tuple(named)
+
+
+def controller_uid(metadata: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller (ownerReferences[].controller), or None: an orphan."""
+    return next((ref.get("uid") for ref in metadata.get("ownerReferences") or [] if ref.get("controller")), None)
 
 
 def parse_report(message: str | None) -> dict | None:
@@ -55,10 +62,12 @@ def parse_report(message: str | None) -> dict | None:
 
 @dataclass(frozen=True)
 class JobView:
-    """A child Job: which step, whether it is suspended, how far it got."""
+    """A child Job: which step, whose it is, whether it is suspended, how far it got."""
 
     name: str
     step: str
+    uid: str | None
+    owner: str | None  # the controlling fit's uid: a Job labelled with a fit's name may be another's
     created: datetime | None
     suspended: bool
     suspended_by_fit: bool  # suspended by this operator (not by Kueue): ours to resume
@@ -82,6 +91,8 @@ def job_view(job: Mapping[str, Any]) -> JobView:
     return JobView(
         name=metadata["name"],
         step=(metadata.get("labels") or {}).get(labels.STEP, ""),
+        uid=metadata.get("uid"),
+        owner=controller_uid(metadata),
         created=parse_time(metadata.get("creationTimestamp")),
         suspended=bool(spec.get("suspend")),
         suspended_by_fit=annotations.get(labels.SUSPENDED_BY_FIT) == "true",
@@ -97,11 +108,12 @@ def job_view(job: Mapping[str, Any]) -> JobView:
 
 @dataclass(frozen=True)
 class PodView:
-    """A runner pod: its step and shard, whether it started and how it ended."""
+    """A runner pod: its step and shard, whether it started, what keeps it from starting, how it ended."""
 
     uid: str
     name: str
     step: str
+    owner: str | None  # its Job's uid
     index: int | None  # the shard, for pods of the Indexed shard Job
     phase: str
     created: datetime | None
@@ -110,6 +122,8 @@ class PodView:
     exit_code: int | None
     disrupted: bool  # preempted, evicted, node gone: retried without counting as a failure
     report: dict | None  # the parsed termination message
+    waiting: tuple[str, str] | None = None  # the runner container's waiting (reason, message)
+    unschedulable: str | None = None  # the scheduler's message while PodScheduled is False: Unschedulable
 
     @property
     def done(self) -> bool:
@@ -123,20 +137,24 @@ def pod_view(pod: Mapping[str, Any]) -> PodView:
         if container.get("name") == RUNNER_CONTAINER:
             state = container.get("state") or {}
     running, terminated = state.get("running") or {}, state.get("terminated") or {}
+    waiting = state.get("waiting") or {}
     index = (metadata.get("annotations") or {}).get(COMPLETION_INDEX)
+    conditions = status.get("conditions") or []
+    unschedulable = next((c.get("message") or "" for c in conditions if c.get("type") == "PodScheduled"
+                          and c.get("status") == "False" and c.get("reason") == UNSCHEDULABLE), None)
     return PodView(
         uid=metadata.get("uid") or metadata["name"],
         name=metadata["name"],
         step=(metadata.get("labels") or {}).get(labels.STEP, ""),
+        owner=controller_uid(metadata),
         index=int(index) if index is not None else None,
         phase=status.get("phase", "Pending"),
         created=parse_time(metadata.get("creationTimestamp")),
         started=parse_time(running.get("startedAt") or terminated.get("startedAt")),
         finished=parse_time(terminated.get("finishedAt")),
         exit_code=terminated.get("exitCode"),
-        disrupted=any(
-            c.get("type") == DISRUPTION_TARGET and c.get("status") == "True"
-            for c in status.get("conditions") or []
-        ),
+        disrupted=any(c.get("type") == DISRUPTION_TARGET and c.get("status") == "True" for c in conditions),
         report=parse_report(terminated.get("message")),
+        waiting=(waiting["reason"], waiting.get("message") or "") if waiting.get("reason") else None,
+        unschedulable=unschedulable,
     )

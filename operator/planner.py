@@ -18,9 +18,12 @@ message says `final: false`; the round in progress is read from the Jobs that ex
 
 A pass applies named policies in order, as JobSet's reconcile does, each a small pure function of
 what is observed: `_suspension` (spec.suspend on the Jobs and the Suspended condition),
-`_deadline` (activeDeadlineSeconds), `_advance` (walk the steps, which are data: `sequence`),
-`_conclude` (the phase and its events), `_stop` (a failed fit's leftover Jobs) and `_ttl`
-(ttlSecondsAfterFinished).
+`_deadline` (activeDeadlineSeconds), `_rejected` (a Job the API server refused as invalid),
+`_advance` (walk the steps, which are data: `sequence`), `_blocked` (pods that cannot start: the
+Blocked condition, failing after a grace period), `_admission` (what the admin's policy forbids a
+Job to be), `_conclude` (the phase and its events), `_stop` (a failed fit's leftover Jobs) and
+`_ttl` (ttlSecondsAfterFinished). `children_of` first sets apart the Jobs labelled with the fit's
+name that another fit (another uid) owns: they are reported, never read.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 from . import children, labels
 from .conditions import find, is_true, set_condition, timestamp
-from .config import Config
-from .observe import JobView, PodView, parse_time
+from .config import FORBIDDEN_VOLUMES, Config
+from .observe import UNSCHEDULABLE, JobView, PodView, parse_time
 
 RUNNING_PHASES = ("Pending", "Partitioning", "Sampling", "Combining")
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -60,6 +64,14 @@ class Step:
 
 
 CONVERGED = "Converged"
+BLOCKED = "Blocked"
+# The runner container's waiting reasons that waiting alone does not end (ContainerCreating does).
+BLOCKING_WAITS = ("CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff",
+                  "InvalidImageName", "ErrImageNeverPull")
+# The API server's answers to a Job create that no retry changes: the Job itself is invalid. (Others,
+# such as 403 for a quota, may pass later: they block.)
+INVALID_JOB_CODES = (400, 422)
+NAME_TAKEN = "JobNameTaken"
 
 _STEPS = {step.name: step for step in (
     Step(children.PARTITION, "Partitioning", "Partitioned", "PartitionSucceeded", "PartitionFailed",
@@ -125,13 +137,57 @@ class Plan:
 
 @dataclass(frozen=True)
 class Ledger:
-    """Pod uids already reported as started and as done, so each pod is reported once per process.
+    """Pod uids already reported as started and as done, and foreign Jobs already reported, so each
+    is reported once per process.
 
     It only suppresses repeated events and metric observations; no decision depends on it.
     """
 
     started: frozenset[str] = frozenset()
     done: frozenset[str] = frozenset()
+    foreign: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Children:
+    """A fit's own Jobs (by step) and their pods, and the Jobs labelled with its name that are not its own."""
+
+    jobs: dict[str, JobView]
+    pods: tuple[PodView, ...]
+    foreign: tuple[JobView, ...]
+
+
+def children_of(fit: Mapping[str, Any], jobs: Sequence[JobView], pods: Sequence[PodView]) -> Children:
+    """Children by owner uid, not by name: a fit deleted with --cascade=orphan, or one the garbage
+    collector has not caught up with yet, leaves Jobs labelled with the same name whose results are
+    not a new fit's."""
+    uid = fit["metadata"]["uid"]
+    ours = {job.step: job for job in jobs if job.owner == uid}
+    owners = {job.uid for job in ours.values() if job.uid}
+    return Children(ours, tuple(p for p in pods if p.owner in owners), tuple(j for j in jobs if j.owner != uid))
+
+
+def podless(jobs: Mapping[str, JobView], pods: Sequence[PodView]) -> tuple[JobView, ...]:
+    """The running Jobs without a pod: the Job controller says why it cannot create them (missing
+    ServiceAccount, PriorityClass, a Pod Security violation, ...) only in FailedCreate events."""
+    stepped = {pod.step for pod in pods}
+    return tuple(job for job in jobs.values()
+                 if job.uid and job.outcome is None and not job.suspended and not job.active and job.step not in stepped)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: int  # the API server's HTTP status for a Job create
+    message: str
+
+
+@dataclass(frozen=True)
+class Obstacles:
+    """What may keep a fit from starting its pods, beyond its own Jobs and pods (the handlers gather it)."""
+
+    foreign: tuple[JobView, ...] = ()  # Children.foreign
+    failed_creates: Mapping[str, str] = field(default_factory=dict)  # Job name -> FailedCreate message
+    refused: Mapping[str, Refusal] = field(default_factory=dict)  # step -> the answer to creating its Job
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -292,6 +348,15 @@ def _pod_news(pods: Sequence[PodView], seen: Ledger) -> tuple[list[PodView], lis
     return started, finished, ledger
 
 
+def _foreign_events(foreign: Sequence[JobView], seen: Ledger) -> list[Event]:
+    return [Event("Warning", "ForeignJob", f"Job {job.name} carries this fit's name but is {_owned_by(job)}: ignored")
+            for job in foreign if job.uid not in seen.foreign]
+
+
+def _owned_by(job: JobView) -> str:
+    return f"owned by another ConsensusFit (uid {job.owner})" if job.owner else "owned by no one (orphaned)"
+
+
 def _pod_events(finished: Sequence[PodView]) -> list[Event]:
     events = []
     for pod in finished:
@@ -353,6 +418,15 @@ def _deadline(spec: Mapping[str, Any], start: datetime | None, now: datetime) ->
     if deadline is None or start is None or spec.get("suspend") or (now - start).total_seconds() <= deadline:
         return None
     return Failure("DeadlineExceeded", f"the fit ran longer than activeDeadlineSeconds={deadline}")
+
+
+def _rejected(fit: Mapping[str, Any], refused: Mapping[str, Refusal]) -> Failure | None:
+    """A Job the API server refuses as invalid fails the fit with the server's own message."""
+    for step, refusal in refused.items():
+        if refusal.code in INVALID_JOB_CODES:
+            job = children.job_name(fit["metadata"]["name"], step)
+            return Failure("JobRejected", f"the API server refused Job {job}: {refusal.message}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -492,6 +566,87 @@ def rounds(
 
 
 @dataclass(frozen=True)
+class Block:
+    reason: str  # the kubelet's, the scheduler's or the Job controller's reason, or ours
+    message: str
+
+
+def blocks(
+    fit: Mapping[str, Any], jobs: Mapping[str, JobView], pods: Sequence[PodView], obstacles: Obstacles,
+    wanted: str | None,
+) -> list[Block]:
+    """Why the fit's pods cannot start, most fundamental first: its next Job's name (`wanted`) held by
+    another fit's Job, Job creates the API server forbids, Jobs that cannot create their pods, and
+    pods of running Jobs that the kubelet cannot start or no node fits."""
+    found = [Block(NAME_TAKEN, f"Job {job.name} is {_owned_by(job)}: delete it to let this fit go on")
+             for job in obstacles.foreign if job.name == wanted]
+    found += [Block("JobForbidden", f"creating Job {children.job_name(fit['metadata']['name'], step)}: {refusal.message}")
+              for step, refusal in obstacles.refused.items() if refusal.code not in INVALID_JOB_CODES]
+    found += [Block("FailedCreate", f"Job {job} cannot create its pods: {message}")
+              for job, message in sorted(obstacles.failed_creates.items())]
+    running = {job.step for job in jobs.values() if job.outcome is None}
+    for pod in sorted(pods, key=lambda p: p.name):
+        if pod.done or pod.step not in running:
+            continue
+        if pod.waiting and pod.waiting[0] in BLOCKING_WAITS:
+            found.append(Block(pod.waiting[0], f"pod {pod.name}: {pod.waiting[1] or pod.waiting[0]}"))
+        elif pod.unschedulable is not None:
+            found.append(Block(UNSCHEDULABLE, f"pod {pod.name} cannot be scheduled: {pod.unschedulable}"))
+    return found
+
+
+@dataclass(frozen=True)
+class Blocking:
+    conditions: list[dict]
+    events: tuple[Event, ...] = ()
+    failure: Failure | None = None
+
+
+def _blocked(found: Sequence[Block], conditions: list[dict], now: datetime, grace: float) -> Blocking:
+    """The Blocked condition: True while something keeps the fit's pods from starting (the first
+    block's reason and message), False once nothing does. A Warning event when a reason first shows;
+    Blocked for longer than `grace` seconds, the fit fails with that reason."""
+    old = find(conditions, BLOCKED)
+    was_blocked = old is not None and old["status"] == "True"
+    if not found:
+        if not was_blocked:
+            return Blocking(conditions)
+        return Blocking(set_condition(conditions, BLOCKED, False, "Unblocked", "nothing keeps the pods from starting", now))
+    first = found[0]
+    message = first.message + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+    conditions = set_condition(conditions, BLOCKED, True, first.reason, message, now)
+    events = () if was_blocked and old["reason"] == first.reason else (Event("Warning", first.reason, message),)
+    since = parse_time(find(conditions, BLOCKED)["lastTransitionTime"])
+    if (now - since).total_seconds() <= grace:
+        return Blocking(conditions, events)
+    return Blocking(conditions, events, Failure(first.reason, f"blocked for more than {grace:g} s: {message}"))
+
+
+def _admission(fit: Mapping[str, Any], config: Config) -> Failure | None:
+    """What the cluster admin's policy (config.Policy) forbids the fit's next Job: checked at every
+    create, since spec.runner may change mid-fit. The operator's own runner defaults always pass."""
+    policy, spec = config.policy, fit["spec"]
+    runner = children.runner_settings(fit, config.runner_defaults)
+    if "python" in spec["model"] and not policy.python_models:
+        return Failure("PythonModelsDisabled", "Python model files are trusted code, and this operator runs "
+                       "none (runner.policy.pythonModels is false): write the model as spec.model.formula")
+    image = runner.get("image") or config.runner_image
+    if image != config.runner_image and not any(fnmatchcase(image, pattern) for pattern in policy.images):
+        return Failure("ImageNotAllowed", f"spec.runner.image {image} is not allowed: only {config.runner_image}"
+                       f"{''.join(f', {p}' for p in policy.images)} (runner.policy.images)")
+    account = runner.get("serviceAccountName")
+    if account and account != config.runner_defaults.get("serviceAccountName") and account not in policy.service_accounts:
+        return Failure("ServiceAccountNotAllowed", f"spec.runner.serviceAccountName {account} is not allowed: "
+                       f"only {list(policy.service_accounts)} (runner.policy.serviceAccounts)")
+    allowed = [kind for kind in policy.cache_volumes if kind not in FORBIDDEN_VOLUMES]
+    refused = sorted(kind for kind in runner.get("compilationCache") or {} if kind not in allowed)
+    if refused:
+        return Failure("VolumeNotAllowed", f"spec.runner.compilationCache may not be a {', '.join(refused)} volume: "
+                       f"only {', '.join(allowed)} (runner.policy.cacheVolumes)")
+    return None
+
+
+@dataclass(frozen=True)
 class Conclusion:
     phase: str  # the phase after this pass
     conditions: list[dict]
@@ -551,13 +706,16 @@ def plan(
     now: datetime,
     config: Config,
     seen: Ledger = Ledger(),
+    obstacles: Obstacles = Obstacles(),
 ) -> Plan:
-    """Decide what to do for one fit. `jobs` maps a step to its Job; `pods` are the fit's pods.
+    """Decide what to do for one fit. `jobs` maps a step to its Job; `pods` are its Jobs' pods
+    (`children_of`); `obstacles` what else keeps its pods from starting.
 
     As JobSet's reconcile does, a pass applies named policies in order: a finished fit only
     expires (`_ttl`); a running one applies spec.suspend (`_suspension`), checks its deadline
-    (`_deadline`), walks its steps (`_advance`) and settles its phase (`_conclude`); a failed fit
-    stops what still runs (`_stop`).
+    (`_deadline`) and refused Jobs (`_rejected`), walks its steps (`_advance`), looks for what
+    blocks its pods (`_blocked`), checks the Job to create against the admin's policy
+    (`_admission`) and settles its phase (`_conclude`); a failed fit stops what still runs (`_stop`).
     """
     spec = fit["spec"]
     old = {key: value for key, value in (fit.get("status") or {}).items() if key in STATUS_FIELDS}
@@ -566,7 +724,8 @@ def plan(
     status = {**copy.deepcopy(old), **_observed(fit, steps, jobs, pods, old)}
     unfinished = [job for job in jobs.values() if job.outcome is None]
     started, finished, ledger = _pod_news(pods, seen)
-    events, create, patches = _pod_events(finished), [], ()
+    ledger = dataclasses.replace(ledger, foreign=frozenset(job.uid for job in obstacles.foreign if job.uid))
+    events, create, patches = [*_foreign_events(obstacles.foreign, seen), *_pod_events(finished)], [], ()
 
     if phase in TERMINAL_PHASES:
         outcome, reached = Conclusion(phase, status.get("conditions", [])), phase
@@ -576,10 +735,17 @@ def plan(
         patches = suspension.patches
         if suspension.resumed and status.get("startTime"):
             status["startTime"] = timestamp(now)  # as a Job does: the deadline counts from the resumption
-        failure = _deadline(spec, parse_time(status.get("startTime")), now)
+        failure = _deadline(spec, parse_time(status.get("startTime")), now) or _rejected(fit, obstacles.refused)
         progress = (Progress(phase, suspension.conditions, failure=failure) if failure
                     else _advance(fit, steps, jobs, pods, phase, suspension.conditions, now))
-        if progress.create:
+        wanted = children.job_name(fit["metadata"]["name"], progress.at.name) if progress.create else None
+        found = blocks(fit, jobs, pods, obstacles, wanted)
+        blocking = _blocked(found, progress.conditions, now, config.blocked_grace_seconds)
+        events += blocking.events
+        failure = progress.failure or blocking.failure or (_admission(fit, config) if progress.create else None)
+        progress = dataclasses.replace(progress, conditions=blocking.conditions, failure=failure,
+                                       create=progress.create and not failure)
+        if progress.create and not any(block.reason == NAME_TAKEN for block in found):
             create.append(children.job_manifest(fit, progress.at.name, config.runner_defaults, config.runner_image))
             status.setdefault("startTime", timestamp(now))
         outcome, reached = _conclude(fit["metadata"]["name"], phase, progress, now), progress.reached

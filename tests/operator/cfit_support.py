@@ -78,26 +78,31 @@ def ep_fit(status: dict | None = None, max_rounds: int = 8, **spec: Any) -> dict
 
 def job(step: str, outcome: str | None = None, *, active: int = 0, succeeded: int = 0,
         failed_indexes: int = 0, suspended: bool = False, by_fit: bool = False,
-        reason: str = "", fit: str = "fvc") -> JobView:
+        reason: str = "", fit: str = "fvc", owner: str | None = "uid-fvc") -> JobView:
     return JobView(
-        name=job_name(fit, step), step=step, created=T0 + timedelta(seconds=1), suspended=suspended,
+        name=job_name(fit, step), step=step, uid=job_uid(step, fit), owner=owner, created=T0 + timedelta(seconds=1), suspended=suspended,
         suspended_by_fit=by_fit, outcome=outcome, reason=reason, message="", active=active,
         succeeded=succeeded, completed_indexes=tuple(range(succeeded)),
         failed_indexes=tuple(range(succeeded, succeeded + failed_indexes)),
     )
 
 
+def job_uid(step: str, fit: str = "fvc") -> str:
+    return f"uid-{job_name(fit, step)}"
+
+
 def pod(step: str, index: int | None = None, phase: str = "Succeeded", *, report: dict | None = None,
         exit_code: int | None = None, attempt: int = 0, disrupted: bool = False,
-        seconds: float = 10.0) -> PodView:
+        seconds: float = 10.0, waiting: tuple[str, str] | None = None, unschedulable: str | None = None) -> PodView:
     done = phase in ("Succeeded", "Failed")
     started = T0 + timedelta(seconds=5 + 100 * attempt)
     return PodView(
-        uid=f"{step}-{index}-{attempt}", name=f"fvc-{step}-{index}-{attempt}", step=step, index=index,
+        uid=f"{step}-{index}-{attempt}", name=f"fvc-{step}-{index}-{attempt}", step=step, owner=job_uid(step),
+        index=index,
         phase=phase, created=T0 + timedelta(seconds=2 + 100 * attempt), started=started if phase != "Pending" else None,
         finished=started + timedelta(seconds=seconds) if done else None,
         exit_code=exit_code if exit_code is not None else (0 if phase == "Succeeded" else 1 if done else None),
-        disrupted=disrupted, report=report,
+        disrupted=disrupted, report=report, waiting=waiting, unschedulable=unschedulable,
     )
 
 

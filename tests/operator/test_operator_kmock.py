@@ -32,6 +32,7 @@ from cfit_support import (
 from kubernetes.client import ApiClient, Configuration
 from prometheus_client import generate_latest
 
+from consensusfit.operator.children import job_manifest
 from consensusfit.operator.config import Config
 from consensusfit.operator.handlers import register
 from consensusfit.operator.metrics import Metrics
@@ -41,6 +42,10 @@ FITS = f"/apis/consensusfit.dev/v1alpha1/namespaces/{NS}/consensusfits"
 JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
 PODS = f"/api/v1/namespaces/{NS}/pods"
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
+# Waits for the operator, scaled for a loaded 2-core machine (CI runs the suite beside other work):
+# a wait ends as soon as its condition holds, so only a failing test waits this long.
+WAIT = 90.0
+KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"  # what timers of earlier versions put on fits
 
 
 def declare_resources(server: kmocklib.KubernetesEmulator) -> None:
@@ -62,7 +67,7 @@ def posted_events(server: kmocklib.KubernetesEmulator) -> list[dict]:
 
 
 @contextlib.asynccontextmanager
-async def operator(url: str, metrics: Metrics):
+async def operator(url: str, metrics: Metrics, **config: object):
     """One operator process: the real handlers, logged in to the mock server, run in this loop."""
     registry = kopf.OperatorRegistry()
 
@@ -70,7 +75,7 @@ async def operator(url: str, metrics: Metrics):
     def login(**_: object) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=url, default_namespace=NS)
 
-    register(registry, Config(resync_seconds=0.2, runner_image="runner:test"),
+    register(registry, Config(resync_seconds=0.2, runner_image="runner:test", **config),
              ApiClient(Configuration(host=url)), metrics)
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True  # no CRD or namespace watching in the mock
@@ -82,7 +87,7 @@ async def operator(url: str, metrics: Metrics):
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, timeout=10)
+        await asyncio.wait_for(task, timeout=WAIT)
 
 
 class Cluster:
@@ -95,7 +100,7 @@ class Cluster:
         async with self.http.get(path) as response:
             return await response.json() if response.status == 200 else None
 
-    async def wait(self, check, timeout: float = 15.0):
+    async def wait(self, check, timeout: float = WAIT):
         """Poll until `check()` returns something truthy (the operator reconciles every 0.2 s)."""
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
@@ -108,7 +113,12 @@ class Cluster:
         async def created():
             return await self.get(f"{JOBS}/{name}")
         created.__name__ = f"Job {name}"
-        return await self.wait(created)
+        job = await self.wait(created)
+        if "uid" not in job["metadata"]:  # the API server assigns one; kmock does not
+            job["metadata"]["uid"] = f"uid-{name}"
+            async with self.http.patch(f"{JOBS}/{name}", json={"metadata": {"uid": job["metadata"]["uid"]}}) as response:
+                assert response.status < 300, await response.text()
+        return job
 
     async def phase(self, wanted: str) -> dict:
         async def reached():
@@ -117,21 +127,36 @@ class Cluster:
         reached.__name__ = f"phase {wanted}"
         return await self.wait(reached)
 
+    async def condition(self, kind: str, status: str = "True") -> dict:
+        async def holds():
+            fit = await self.get(f"{FITS}/fvc")
+            found = [c for c in (fit or {}).get("status", {}).get("conditions", []) if c["type"] == kind]
+            return found[0] if found and found[0]["status"] == status else None
+        holds.__name__ = f"condition {kind}={status}"
+        return await self.wait(holds)
+
     async def run_pod(self, job: dict, *, index: int | None = None, attempt: int = 0,
                       exit_code: int = 0, report: dict) -> None:
         """A pod of `job` that ran to the end, as the kubelet would report it."""
+        await self.post_pod(job, index=index, attempt=attempt, status={
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [{"name": "runner", "state": {"terminated": {
+                "exitCode": exit_code, "startedAt": "2026-01-01T00:00:03Z",
+                "finishedAt": "2026-01-01T00:00:13Z", "message": json.dumps(report)}}}]})
+
+    async def post_pod(self, job: dict, *, status: dict, index: int | None = None, attempt: int = 0) -> None:
+        """A pod of `job` (owned by it, as the Job controller makes them) in this state."""
         name = f"{job['metadata']['name']}-{index if index is not None else 0}-{attempt}"
         annotations = {} if index is None else {"batch.kubernetes.io/job-completion-index": str(index)}
         pod = {
             "metadata": {"name": name, "namespace": NS, "uid": name, "annotations": annotations,
                          "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "controller": True,
+                                              "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}],
                          "labels": {**job["spec"]["template"]["metadata"]["labels"],
                                     "batch.kubernetes.io/job-name": job["metadata"]["name"]}},
             "spec": job["spec"]["template"]["spec"],
-            "status": {"phase": "Succeeded" if exit_code == 0 else "Failed",
-                       "containerStatuses": [{"name": "runner", "state": {"terminated": {
-                           "exitCode": exit_code, "startedAt": "2026-01-01T00:00:03Z",
-                           "finishedAt": "2026-01-01T00:00:13Z", "message": json.dumps(report)}}}]},
+            "status": status,
         }
         async with self.http.post(PODS, json=pod) as response:
             assert response.status < 300, await response.text()
@@ -176,6 +201,7 @@ async def fit_posted(kmock: kmocklib.KubernetesEmulator, fit: dict):
 async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
     metrics = Metrics()
     fit = make_fit()
+    fit["metadata"]["finalizers"] = [KOPF_FINALIZER]  # left by an earlier version's timer
     async with fit_posted(kmock, fit) as (url, cluster):
         http = cluster.http
         async with operator(url, metrics):
@@ -183,6 +209,11 @@ async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
             await cluster.phase("Partitioning")
             assert partition["metadata"]["ownerReferences"][0]["uid"] == "uid-fvc"
             assert "app.kubernetes.io/instance" not in partition["metadata"]["labels"]
+            assert partition["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+            async def no_finalizer():  # kopf removes the old one, and nothing adds one
+                return not (await cluster.get(f"{FITS}/fvc"))["metadata"].get("finalizers")
+            await cluster.wait(no_finalizer)
             await cluster.run_pod(partition, report={"ok": True, "rows": 1549, "groups": 176})
             await cluster.finish_job(partition, succeeded=1)
             shards = await cluster.job("fvc-shards")
@@ -217,6 +248,7 @@ async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
             assert kinds == {"Partitioned": "True", "Sampled": "True", "GlobalsCombined": "True",
                              "GroupsResampled": "True", "Succeeded": "True"}
             assert done["spec"] == fit["spec"]  # never written
+            assert not done["metadata"].get("finalizers")  # nothing to block a delete once we are gone
             names = sorted(j["metadata"]["name"] for j in (await cluster.get(JOBS))["items"])
             assert names == ["fvc-combine", "fvc-globals", "fvc-partition", "fvc-resample", "fvc-shards"]
             reasons = {e["reason"] for e in posted_events(kmock)}
@@ -228,8 +260,8 @@ async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
             assert 'consensusfit_fit_rhat_max{fit="fvc",namespace="default"} 1.011' in exported
             assert 'consensusfit_shard_duration_seconds_count{fit="fvc",namespace="default"}' in exported
 
-            # Deleting the fit: kopf releases its finalizer and the fit's series go away. (The Jobs
-            # go through their owner references: the API server's garbage collector, not ours.)
+            # Deleting the fit: no finalizer holds it, and its series go away. (The Jobs go through
+            # their owner references: the API server's garbage collector, not ours.)
             async with http.delete(f"{FITS}/fvc") as response:
                 assert response.status < 300
 
@@ -302,3 +334,79 @@ async def test_an_ep_fit_runs_pilot_and_three_rounds_across_an_operator_restart(
             exported = generate_latest(metrics.registry).decode()
             assert 'consensusfit_ep_rounds_completed_total{fit="fvc",namespace="default"} 3.0' in exported
             assert 'consensusfit_ep_converged{fit="fvc",namespace="default"} 1.0' in exported
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_jobs_of_an_old_fit_of_the_same_name_are_never_adopted(kmock):
+    """An old fit `fvc` was deleted with --cascade=orphan after it succeeded: its five Jobs, complete,
+    and their pods' reports are still there. A new fit `fvc` (another uid) must not go Succeeded
+    with the old result: it ignores them, says so, is Blocked on the name its partition Job needs,
+    and fails with that reason after the grace period."""
+    old = {"partition": {"ok": True, "rows": 1549, "groups": 176}, "sample": shard_report(0),
+           "globals": GLOBALS_REPORT, "resample": resample_report(0), "combine": COMBINE_REPORT}
+    async with fit_posted(kmock, make_fit()) as (url, cluster):
+        for step, report in old.items():
+            manifest = job_manifest(make_fit(), step, {}, "runner:old")
+            manifest["metadata"].pop("ownerReferences")  # orphaned: the garbage collector dropped them
+            manifest["metadata"]["uid"] = f"old-{step}"
+            async with cluster.http.post(JOBS, json=manifest) as response:
+                assert response.status < 300
+            await cluster.run_pod(manifest, report=report)
+            await cluster.finish_job(manifest, succeeded=1)
+        async with operator(url, Metrics(), blocked_grace_seconds=2):
+            failed = await cluster.phase("Failed")
+        status = failed["status"]
+        kinds = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+        assert kinds == {"Blocked": ("True", "JobNameTaken"), "Failed": ("True", "JobNameTaken")}, kinds
+        blocked = next(c for c in status["conditions"] if c["type"] == "Blocked")
+        assert "Job fvc-partition is owned by no one (orphaned)" in blocked["message"]
+        assert "result" not in status and status["shards"]["succeeded"] == 0 and "diagnostics" not in status
+        foreign = [e["message"] for e in posted_events(kmock) if e.get("reason") == "ForeignJob"]
+        assert len(foreign) == 5 and all("ignored" in m for m in foreign)
+        names = {j["metadata"]["name"]: j["metadata"]["uid"] for j in (await cluster.get(JOBS))["items"]}
+        assert sorted(names.values()) == sorted(f"old-{step}" for step in old)  # none created, none touched
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_pods_that_cannot_start_are_reported_and_fail_the_fit_after_the_grace_period(kmock):
+    """The partition Job cannot create its pod at first (the Job controller's FailedCreate event: no
+    such ServiceAccount): Blocked, with the controller's message. Its pod then waits on a Secret
+    that does not exist (CreateContainerConfigError): Blocked with the kubelet's reason, a Warning
+    event, and after the grace period the fit fails with that reason."""
+    async with fit_posted(kmock, make_fit()) as (url, cluster):
+        async with operator(url, Metrics(), blocked_grace_seconds=3):
+            partition = await cluster.job("fvc-partition")
+            message = 'Error creating: pods "fvc-partition-x" is forbidden: error looking up service account default/nope'
+            event = {"metadata": {"name": "fvc-partition.1", "namespace": NS}, "reason": "FailedCreate",
+                     "type": "Warning", "message": message,
+                     "involvedObject": {"kind": "Job", "name": "fvc-partition", "uid": partition["metadata"]["uid"]}}
+            async with cluster.http.post(f"/api/v1/namespaces/{NS}/events", json=event) as response:
+                assert response.status < 300
+            blocked = await cluster.condition("Blocked")
+            assert blocked["reason"] == "FailedCreate" and message in blocked["message"], blocked
+
+            await cluster.post_pod(partition, status={"phase": "Pending", "containerStatuses": [{"name": "runner", "state": {
+                "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3-credentials" not found'}}}]})
+            failed = await cluster.phase("Failed")
+        conditions = {c["type"]: c for c in failed["status"]["conditions"]}
+        assert conditions["Failed"]["reason"] == "CreateContainerConfigError"
+        assert 'pod fvc-partition-0-0: secret "s3-credentials" not found' in conditions["Failed"]["message"]
+        assert conditions["Blocked"]["reason"] == "CreateContainerConfigError"
+        warnings = {e["reason"] for e in posted_events(kmock) if e.get("type") == "Warning"}
+        assert {"FailedCreate", "CreateContainerConfigError"} <= warnings
+        job = await cluster.get(f"{JOBS}/fvc-partition")
+        assert job["spec"]["suspend"] is True  # a failed fit stops its Jobs
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_a_fit_outside_the_admins_policy_is_refused_before_any_job(kmock):
+    fit = make_fit(runner={"compilationCache": {"hostPath": {"path": "/"}}})
+    async with fit_posted(kmock, fit) as (url, cluster):
+        async with operator(url, Metrics()):
+            failed = await cluster.phase("Failed")
+        reason = next(c["reason"] for c in failed["status"]["conditions"] if c["type"] == "Failed")
+        assert reason == "VolumeNotAllowed"
+        assert (await cluster.get(JOBS))["items"] == []

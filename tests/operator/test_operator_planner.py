@@ -11,7 +11,7 @@ import pytest
 from cfit_support import COMBINE_REPORT, GLOBALS_REPORT, T0, job, make_fit, pod, resample_report, shard_report
 
 from consensusfit.operator import children, planner
-from consensusfit.operator.config import Config
+from consensusfit.operator.config import Config, Policy
 from consensusfit.operator.labels import SUSPENDED_BY_FIT
 from consensusfit.operator.planner import Ledger, merge_patch, plan
 
@@ -604,3 +604,157 @@ def test_sequence_is_the_fits_steps_as_data_in_phase_order(group_parameters, nam
     assert [step.name for step in steps] == names
     order = [planner.RUNNING_PHASES.index(step.phase) for step in steps]
     assert order == sorted(order) and steps[-1].condition == "Succeeded"
+
+
+# -- whose children, what blocks them, what the admin allows ----------------------------------------
+
+def test_children_are_matched_by_owner_uid_not_by_name():
+    """Jobs of an old fit of the same name (orphaned, or owned by its uid while the garbage collector
+    lags) and their pods are set apart, never read as this fit's."""
+    ours, old, orphan = job("partition", "Complete"), job("sample", "Complete", owner="uid-old"), job("globals", owner=None)
+    mine, theirs = pod("partition", report={"ok": True, "rows": 1, "groups": 1}), pod("sample", 0, report=shard_report(0))
+    found = planner.children_of(make_fit(), [ours, old, orphan], [mine, theirs])
+    assert found == planner.Children({"partition": ours}, (mine,), (old, orphan))
+
+
+def test_a_foreign_job_holding_the_next_jobs_name_blocks_the_fit_and_is_reported_once():
+    fit = make_fit(status={"phase": "Partitioning", "startTime": "2026-01-01T00:01:00Z"})
+    old = job("sample", "Complete", owner="uid-old")
+    first = plan(fit, complete("partition"), [], NOW, CONFIG, obstacles=planner.Obstacles(foreign=(old,)))
+    assert first.create == ()  # its create would only conflict
+    blocked = condition(first, "Blocked")
+    assert (blocked["status"], blocked["reason"]) == ("True", "JobNameTaken")
+    assert "Job fvc-shards is owned by another ConsensusFit (uid uid-old)" in blocked["message"]
+    assert reasons(first) == ["ForeignJob", "JobNameTaken", "Sampling"]
+    again = plan(state_after(fit, first), complete("partition"), [], NOW, CONFIG, first.seen,
+                 planner.Obstacles(foreign=(old,)))
+    assert again.events == () and again.status == {}
+
+
+def test_a_foreign_job_of_another_name_is_only_reported():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    stray = dataclasses.replace(job("sample", owner=None), name="fvc-shards-old")
+    result = plan(fit, {**complete("partition"), "sample": job("sample", active=3)}, [], NOW, CONFIG,
+                  obstacles=planner.Obstacles(foreign=(stray,)))
+    assert reasons(result) == ["ForeignJob"] and "orphaned" in result.events[0].message
+    assert "Blocked" not in {c["type"] for c in result.state["conditions"]}
+
+
+BLOCKING = [
+    ([pod("sample", 0, phase="Pending", waiting=("CreateContainerConfigError", 'secret "s3-credentials" not found'))],
+     {}, "CreateContainerConfigError", 'pod fvc-sample-0-0: secret "s3-credentials" not found'),
+    ([pod("sample", 0, phase="Pending", waiting=("ImagePullBackOff", 'Back-off pulling image "nope"'))],
+     {}, "ImagePullBackOff", 'Back-off pulling image "nope"'),
+    ([pod("sample", 1, phase="Pending", unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.")],
+     {}, "Unschedulable", "pod fvc-sample-1-0 cannot be scheduled: 0/4 nodes are available"),
+    ([], {"fvc-shards": 'Error creating: pods "fvc-shards-0-x" is forbidden: error looking up service account default/nope'},
+     "FailedCreate", "Job fvc-shards cannot create its pods: Error creating"),
+]
+
+
+@pytest.mark.parametrize("pods, failed_creates, reason, message", BLOCKING, ids=[b[2] for b in BLOCKING])
+def test_pods_that_cannot_start_block_the_fit_then_fail_it_after_the_grace_period(pods, failed_creates, reason, message):
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {**complete("partition"), "sample": job("sample", active=len(pods))}
+    obstacles = planner.Obstacles(failed_creates=failed_creates)
+    first = plan(fit, jobs, pods, NOW, CONFIG, obstacles=obstacles)
+    blocked = condition(first, "Blocked")
+    assert (blocked["status"], blocked["reason"]) == ("True", reason) and message in blocked["message"]
+    assert first.state["phase"] == "Sampling" and reasons(first) == [reason]
+    grace = timedelta(seconds=CONFIG.blocked_grace_seconds)
+    waited = plan(state_after(fit, first), jobs, pods, NOW + grace, CONFIG, obstacles=obstacles)
+    assert waited.state["phase"] == "Sampling" and waited.events == ()  # not past the grace period yet
+    failed = plan(state_after(fit, first), jobs, pods, NOW + grace + timedelta(seconds=1), CONFIG, obstacles=obstacles)
+    assert failed.state["phase"] == "Failed" and condition(failed, "Failed")["reason"] == reason
+    assert condition(failed, "Failed")["message"].startswith("blocked for more than 600 s: ")
+    assert failed.patch_jobs == (("fvc-shards", SUSPEND),)
+
+
+def test_blocked_ends_when_the_pods_start_and_normal_waits_never_block():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {**complete("partition"), "sample": job("sample", active=1)}
+    stuck = pod("sample", 0, phase="Pending", waiting=("ErrImagePull", "not found"))
+    first = plan(fit, jobs, [stuck], NOW, CONFIG)
+    creating = pod("sample", 0, phase="Pending", waiting=("ContainerCreating", ""))
+    later = plan(state_after(fit, first), jobs, [creating], NOW, CONFIG)
+    unblocked = condition(later, "Blocked")
+    assert (unblocked["status"], unblocked["reason"]) == ("False", "Unblocked") and later.events == ()
+    assert planner.blocks(fit, jobs, [creating], planner.Obstacles(), None) == []
+
+
+def test_blocks_ignore_pods_of_finished_jobs_and_count_the_rest():
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=2)}
+    old = pod("partition", phase="Pending", unschedulable="gone")
+    stuck = [pod("sample", k, phase="Pending", unschedulable="no GPU") for k in range(2)]
+    found = planner.blocks(make_fit(), jobs, [old, *stuck], planner.Obstacles(), None)
+    assert [b.message for b in found] == ["pod fvc-sample-0-0 cannot be scheduled: no GPU",
+                                          "pod fvc-sample-1-0 cannot be scheduled: no GPU"]
+    result = planner._blocked(found, [], NOW, 600)
+    assert result.conditions[0]["message"].endswith("(and 1 more)")
+
+
+def test_only_running_jobs_without_pods_are_looked_up_for_failed_creates():
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample"), "resample": job("resample", active=1),
+            "combine": job("combine", suspended=True), "globals": job("globals")}
+    assert [j.name for j in planner.podless(jobs, [pod("globals", phase="Pending")])] == ["fvc-shards"]
+
+
+def test_a_job_the_api_server_refuses_fails_the_fit_with_its_message_or_blocks_it():
+    fit = make_fit(status={"phase": "Partitioning", "startTime": "2026-01-01T00:01:00Z"})
+    invalid = planner.Refusal(422, 'Job.batch "fvc-partition" is invalid: spec.template.spec.containers[0].resources')
+    result = plan(fit, {}, [], NOW, CONFIG, obstacles=planner.Obstacles(refused={"partition": invalid}))
+    assert result.state["phase"] == "Failed" and result.create == ()
+    failed = condition(result, "Failed")
+    assert failed["reason"] == "JobRejected"
+    assert failed["message"] == f"the API server refused Job fvc-partition: {invalid.message}"
+    quota = planner.Refusal(403, 'jobs.batch "fvc-partition" is forbidden: exceeded quota: jobs')
+    blocked = plan(fit, {}, [], NOW, CONFIG, obstacles=planner.Obstacles(refused={"partition": quota}))
+    assert condition(blocked, "Blocked")["reason"] == "JobForbidden" and blocked.state["phase"] == "Partitioning"
+    assert [m["metadata"]["name"] for m in blocked.create] == ["fvc-partition"]  # tried again: a quota frees up
+
+
+POLICY = Config(runner_image="runner:test", runner_defaults={"serviceAccountName": "consensusfit-runner"},
+                policy=Policy(images=("registry.local/team/*",), service_accounts=("team-a",)))
+REFUSED = [
+    ({"runner": {"image": "evil/miner:latest"}}, "ImageNotAllowed", "spec.runner.image evil/miner:latest is not allowed"),
+    ({"runner": {"serviceAccountName": "cluster-admin"}}, "ServiceAccountNotAllowed", "cluster-admin is not allowed"),
+    ({"runner": {"compilationCache": {"hostPath": {"path": "/"}}}}, "VolumeNotAllowed", "may not be a hostPath volume"),
+    ({"runner": {"compilationCache": {"nfs": {"server": "x", "path": "/"}}}}, "VolumeNotAllowed",
+     "only persistentVolumeClaim, emptyDir, csi"),
+]
+ALLOWED = [
+    {},
+    {"runner": {"image": "runner:test"}},
+    {"runner": {"image": "registry.local/team/runner:2", "serviceAccountName": "team-a"}},
+    {"runner": {"serviceAccountName": "consensusfit-runner", "compilationCache": {"persistentVolumeClaim": {"claimName": "c"}}}},
+]
+
+
+@pytest.mark.parametrize("spec, reason, message", REFUSED, ids=[r[1] + str(i) for i, r in enumerate(REFUSED)])
+def test_admission_refuses_a_fit_outside_the_admins_policy_before_any_job(spec, reason, message):
+    result = plan(make_fit(**spec), {}, [], NOW, POLICY)
+    assert result.create == () and result.state["phase"] == "Failed"
+    failed = condition(result, "Failed")
+    assert failed["reason"] == reason and message in failed["message"], failed
+
+
+@pytest.mark.parametrize("spec", ALLOWED)
+def test_admission_allows_the_operators_defaults_and_what_the_policy_lists(spec):
+    assert planner._admission(make_fit(**spec), POLICY) is None
+
+
+def test_admission_never_allows_host_path_and_can_refuse_python_models():
+    anything = dataclasses.replace(POLICY, policy=dataclasses.replace(POLICY.policy, cache_volumes=("hostPath",)))
+    assert planner._admission(make_fit(runner={"compilationCache": {"hostPath": {"path": "/"}}}), anything).reason == "VolumeNotAllowed"
+    python = make_fit(model={"python": {"uri": "s3://b/m.py", "function": "model"}})
+    assert planner._admission(python, POLICY) is None
+    no_code = dataclasses.replace(POLICY, policy=dataclasses.replace(POLICY.policy, python_models=False))
+    assert planner._admission(python, no_code).reason == "PythonModelsDisabled"
+    assert "trusted code" in planner._admission(python, no_code).message
+
+
+def test_runner_pods_get_no_service_account_token_unless_asked():
+    (manifest,) = plan(make_fit(), {}, [], NOW, CONFIG).create
+    assert manifest["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    (asked,) = plan(make_fit(runner={"automountServiceAccountToken": True}), {}, [], NOW, CONFIG).create
+    assert asked["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
