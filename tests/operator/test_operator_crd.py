@@ -57,11 +57,16 @@ def test_cel_rules_guard_model_choice_and_immutability():
     spec = spec_schema()["properties"]
     model_rules = [r["rule"] for r in spec["model"]["x-kubernetes-validations"]]
     assert "has(self.formula) != has(self.python)" in model_rules
-    for field in ("data", "shards", "model", "sampler", "combine"):
+    for field in ("data", "shards", "model", "sampler", "combine", "output"):
         assert "self == oldSelf" in [r["rule"] for r in spec[field]["x-kubernetes-validations"]], field
     assert spec["shards"]["minimum"] == 1
-    for field in ("output", "runner", "suspend", "ttlSecondsAfterFinished"):
+    for field in ("runner", "suspend", "ttlSecondsAfterFinished"):
         assert "x-kubernetes-validations" not in spec[field], field
+
+
+def test_the_model_field_says_python_files_are_trusted_code():
+    model = spec_schema()["properties"]["model"]
+    assert "trusted code" in model["description"] and "trusted code" in model["properties"]["python"]["description"]
 
 
 def _walk(schema: dict, path: str = ""):

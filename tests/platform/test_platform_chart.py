@@ -13,7 +13,7 @@ import yaml
 from platform_support import CHART, DASHBOARD, ALERTS, ROOT, container_env, find, helm, render, tool
 
 from consensusfit.operator.children import job_manifest
-from consensusfit.operator.config import Config
+from consensusfit.operator.config import Config, Policy
 
 MONITORING = ["metrics.serviceMonitor.enabled=true", "metrics.prometheusRule.enabled=true",
               "dashboard.enabled=true"]
@@ -29,7 +29,7 @@ NAMESPACED_RULES = [
     {"apiGroups": ["consensusfit.dev"], "resources": ["consensusfits/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
 CRDS_RULE = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
              "verbs": ["get", "list", "watch"]}
@@ -133,6 +133,7 @@ def test_monitoring_is_off_by_default_and_needs_the_service():
     ("runner.resources.limits.memory=lots", "at '/runner/resources/limits/memory'"),
     ("metrics.serviceMonitor.interval=often", "at '/metrics/serviceMonitor/interval'"),
     ("dashboard.enabled=yes-please", "at '/dashboard/enabled': got string, want boolean"),
+    ("runner.policy.cacheVolumes={hostPath}", "at '/runner/policy/cacheVolumes/0'"),
 ])
 def test_the_schema_rejects_bad_values_with_a_clear_message(value, message):
     result = helm("template", "x", str(CHART), "--set", value, check=False)
@@ -191,6 +192,19 @@ def test_a_compilation_cache_volume_from_the_values_reaches_the_sampling_pods():
     config = Config.from_env(container_env(render("runner.compilationCache.persistentVolumeClaim.claimName=jax-cache")))
     pod = job_manifest(_fit(), "sample", config.runner_defaults, config.runner_image)["spec"]["template"]["spec"]
     assert {"name": "compilation-cache", **claim} in pod["volumes"]
+
+
+def test_the_runner_policy_and_the_blocked_grace_period_reach_the_operator():
+    default = Config.from_env(container_env(render()))
+    assert default.policy == Policy() and default.blocked_grace_seconds == 600
+    assert "hostPath" not in default.policy.cache_volumes
+    config = Config.from_env(container_env(render(
+        "runner.policy.images={registry.local/team/*}", "runner.policy.serviceAccounts={team-a}",
+        "runner.policy.cacheVolumes={persistentVolumeClaim}", "runner.policy.pythonModels=false",
+        "operator.blockedGraceSeconds=120")))
+    assert config.policy == Policy(images=("registry.local/team/*",), service_accounts=("team-a",),
+                                   cache_volumes=("persistentVolumeClaim",), python_models=False)
+    assert config.blocked_grace_seconds == 120
 
 
 def test_cluster_wide_runner_defaults_name_no_service_account():
