@@ -6,6 +6,7 @@ things live inside `runner/`): simulate the data, then `consensusfit run` of
 - `sleep`: a formula model (padded shards, one program) with `groupParameters: resample`,
   two shards per pod;
 - `fvc-python`: a Python model (data as constants, one program per shard), `keep`;
+- `sleep-ep`: the formula model combined by EP: the pilot and two rounds of tilted draws;
 
 and prints the SHA-256 of every `shards/<k>/draws.parquet`, `combined/draws.parquet` and
 `combined/groups/<k>/draws.parquet`, as JSON. With `--compare FILE` (an earlier output) it exits
@@ -50,6 +51,12 @@ FITS = {
         "shards": 3,
         "model": {"python": {"uri": "fvc_model.py", "function": "model"}},
         "combine": {"method": "gaussian", "groupParameters": "keep"},
+    },
+    "sleep-ep": {
+        "data": {"uri": "data/sleep.parquet", "groupColumn": "subject"},
+        "shards": 4,
+        "model": {"formula": "reaction ~ 1 + days + (1 + days | subject)", "family": "gaussian"},
+        "combine": {"method": "ep", "maxRounds": 2, "groupParameters": "keep"},
     },
 }
 

@@ -36,7 +36,6 @@ combined draw s.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -62,7 +61,6 @@ class Resampled:
     deterministic: dict[str, np.ndarray]  # deterministic sites that are not global
     accept_prob: float  # mean acceptance probability of the T transitions
     step_size: float
-    seconds: dict[str, float]
 
 
 def central_draw(theta: dict[str, np.ndarray]) -> int:
@@ -86,31 +84,56 @@ def resample_groups(
     batch: int = 1000,
     transition_seed: int | None = None,
 ) -> Resampled:
-    """Draw every group-level site of one shard given each combined global draw (module docstring).
+    """Draw every group-level site of one shard given each combined global draw (module docstring):
+    `adapt_at_centre`, then `draw_given`.
 
     theta: constrained combined draws of the global latent sites, shaped (chains, draws, ...).
     settings: warmup, tree depth, target acceptance and seed for the adaptation run.
     transition_seed: the seed of the transitions' keys (runner/spec.py `Seeds`; default
     `settings.seed + 1`, the stream the step uses).
     """
-    started = time.perf_counter()
-    chains, draws = next(iter(theta.values())).shape[:2]
-    n = chains * draws
-    flat_theta = {name: np.asarray(v).reshape((n,) + v.shape[2:]) for name, v in theta.items()}
+    adaptation = adapt_at_centre(model, arguments, theta, settings)
+    return draw_given(model, arguments, theta, adaptation, settings, transitions, batch, transition_seed)
+
+
+def flat_draws(theta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(chains, draws, ...) -> (chains·draws, ...)."""
+    return {name: np.asarray(v).reshape((-1,) + v.shape[2:]) for name, v in theta.items()}
+
+
+def adapt_at_centre(
+    model: Callable, arguments: dict[str, Any], theta: dict[str, np.ndarray], settings: SamplerSettings
+) -> "Adaptation | None":
+    """Step 1: NUTS with its usual warmup on the model conditioned on the central combined draw θ*;
+    None when every latent site is global (nothing is left to draw given θ)."""
+    flat_theta = flat_draws(theta)
     centre = {name: v[central_draw(flat_theta)] for name, v in flat_theta.items()}
     if not _has_group_sites(model, arguments, centre):
-        # every latent site is global: nothing is left to draw given θ
-        return Resampled({}, {}, float("nan"), float("nan"), {"adapt": 0.0, "resample": 0.0})
+        return None
+    return _adapt(model, arguments, centre, settings)
 
-    adaptation = _adapt(model, arguments, centre, settings)  # 1. adapt once, at a central draw
-    adapted_at = time.perf_counter()
 
-    # 2. T transitions per combined draw, vectorised over draws
+def draw_given(
+    model: Callable,
+    arguments: dict[str, Any],
+    theta: dict[str, np.ndarray],
+    adaptation: "Adaptation | None",
+    settings: SamplerSettings,
+    transitions: int = TRANSITIONS,
+    batch: int = 1000,
+    transition_seed: int | None = None,
+) -> Resampled:
+    """Steps 2 and 3: T transitions per combined draw, vectorised over draws, from the pool of
+    `adaptation` with its step size and mass; the draws in the combined draws' layout."""
+    if adaptation is None:
+        return Resampled({}, {}, float("nan"), float("nan"))
+    chains, draws = next(iter(theta.values())).shape[:2]
+    n = chains * draws
     program = _conditional_program(model, arguments, adaptation, settings.max_tree_depth, transitions)
     seed = settings.seed + 1 if transition_seed is None else transition_seed
     keys = random.split(random.PRNGKey(seed), n)
     starts = adaptation.flat_pool[np.arange(n) % len(adaptation.flat_pool)]
-    merged, accept_prob = _in_batches(program, flat_theta, starts, keys, n, batch)
+    merged, accept_prob = _in_batches(program, flat_draws(theta), starts, keys, n, batch)
 
     latent_names = set(adaptation.pool)
     shaped = {name: v.reshape((chains, draws) + v.shape[1:]) for name, v in merged.items() if name not in theta}
@@ -119,7 +142,6 @@ def resample_groups(
         deterministic={name: v for name, v in shaped.items() if name not in latent_names},
         accept_prob=accept_prob,
         step_size=adaptation.step_size,
-        seconds={"adapt": adapted_at - started, "resample": time.perf_counter() - adapted_at},
     )
 
 

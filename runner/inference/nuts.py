@@ -1,8 +1,9 @@
-"""NUTS on one shard or on a batch of shards at once, with every phase timed.
+"""NUTS on one shard or on a batch of shards at once, in phases a step can time.
 
 The sampler is NumPyro's NUTS as three programs built ahead of time (`CompiledNuts`: init, a step
-that both warms up and samples, and constrain), so compilation is measured on its own instead of
-hiding inside warmup, and the programs are reused for every batch of the same shapes. Chains are
+that both warms up and samples, and constrain), so compilation happens on its own instead of
+hiding inside warmup (a step times building the sampler, then `start`, `warm_up` and `draw`:
+runner/steps/timing.py), and the programs are reused for every batch of the same shapes. Chains are
 vectorised (`vmap`), and so are shards: one program runs B shards × C chains, which is what fills
 a GPU when one shard is too small to.
 
@@ -15,10 +16,8 @@ data as constants: they compile per shard, one shard at a time.
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +60,6 @@ class Samples:
     diverging: np.ndarray  # (chains, draws) bool
     num_steps: np.ndarray  # (chains, draws) leapfrog steps per draw
     step_size: np.ndarray  # (chains,) adapted step size
-    seconds: dict[str, float]  # compile, warmup, sampling
     programs: str = "traced"  # or "loaded": from the program store, without tracing
     global_gradient: np.ndarray | None = None  # (chains, draws, d): ∇ log density in the global u
     adaptation: "Adaptation | None" = None  # where each chain ended: a later run's warm start
@@ -136,6 +134,18 @@ def global_index(unravel: Callable, dims: int, names: Sequence[str]) -> np.ndarr
     return np.concatenate([np.ravel(np.asarray(sites[n])) for n in names] or [np.zeros(0)]).astype(np.int32)
 
 
+@dataclass(frozen=True)
+class NutsParts:
+    """What tracing `init` finds out about the model: the step and constrain programs are built
+    from it."""
+
+    unravel: Callable  # one raveled position -> the model's unconstrained sites
+    postprocess: Callable  # model arguments -> (unconstrained sites -> constrained sites)
+    sample: Callable  # NUTS's transition, vectorised over chains
+    structure: Any  # the pytree structure of NUTS's state, whose leaves cross the programs
+    globals: np.ndarray  # the global sites' components in the raveled position
+
+
 def export_programs(
     model: Callable, arrays: dict[str, Any], constants: dict[str, Any], settings: SamplerSettings, batch: int,
     global_names: Sequence[str] = (), warm: int = 0,
@@ -152,7 +162,23 @@ def export_programs(
     dimension; 0: a cold start): init takes every chain's position, step size and inverse mass
     (an `Adaptation`) and only re-tunes the step size during `settings.warmup`.
     """
-    traced = {}  # what tracing `init` leaves for the others
+    init_program, parts = _export_init(model, arrays, constants, settings, global_names, warm)
+    leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in init_program.out_avals]
+    return [
+        init_program,
+        _export_step(parts, leaves, arrays, constants, batch),
+        _export_constrain(parts, leaves, arrays, constants, settings),
+    ]
+
+
+def _export_init(
+    model: Callable, arrays: dict[str, Any], constants: dict[str, Any], settings: SamplerSettings,
+    global_names: Sequence[str], warm: int,
+) -> tuple[export.Exported, NutsParts]:
+    """The init program, and the parts its tracing finds (`NutsParts`)."""
+    # The parts exist only inside the trace (they close over the model's traced structure), so
+    # tracing hands them out through this list, once.
+    found: list[NutsParts] = []
 
     def init(keys, data, *start):
         # NumPyro's `HMC.init` (same keys, same adaptation), on the unconstrained sites
@@ -186,13 +212,13 @@ def export_programs(
                 lambda position, key: init_kernel(position, settings.warmup, rng_key=key, **common)
             )({POSITION: flat}, keys)
         leaves, structure = jax.tree.flatten(state)
-        traced.update(
+        found.append(NutsParts(
             unravel=unravel,
             postprocess=info.postprocess_fn,
-            sample=jax.vmap(sample_kernel, in_axes=(0, None, None)),  # chains vectorised
+            sample=jax.vmap(sample_kernel, in_axes=(0, None, None)),
             structure=structure,
             globals=global_index(unravel, flat.shape[-1], global_names),
-        )
+        ))
         return leaves
 
     keys = random.split(random.PRNGKey(0), settings.chains)
@@ -203,42 +229,54 @@ def export_programs(
             jax.ShapeDtypeStruct((settings.chains, warm), dtype), jax.ShapeDtypeStruct((settings.chains,), dtype),
             jax.ShapeDtypeStruct((settings.chains, warm), dtype),
         )
-    init_program = export.export(jax.jit(init))(_shape(keys), _shape(arrays), *start_shapes)
-    leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in init_program.out_avals]
+    program = export.export(jax.jit(init))(_shape(keys), _shape(arrays), *start_shapes)
+    (parts,) = found
+    return program, parts
+
+
+def _export_step(
+    parts: NutsParts, leaves: list, arrays: dict[str, Any], constants: dict[str, Any], batch: int
+) -> export.Exported:
+    """The step program: n ≤ CHUNK transitions of every chain of every shard of a batch."""
 
     def step(leaves, data, n):
-        """n ≤ CHUNK transitions of every chain of every shard: (leaves, draws, adaptation)."""
+        """(leaves, draws, adaptation) after n transitions."""
 
         def advance(state, data):
-            return traced["sample"](state, (), {**data, **constants})
+            return parts.sample(state, (), {**data, **constants})
 
         def record(state):
-            return (state.z[POSITION], state.diverging, state.num_steps, -state.z_grad[POSITION][..., traced["globals"]])
+            return (state.z[POSITION], state.diverging, state.num_steps, -state.z_grad[POSITION][..., parts.globals])
 
         def transition(i, carry):
             state, draws = carry
             state = jax.vmap(advance)(state, data)
             return state, jax.tree.map(lambda drawn, value: drawn.at[i].set(value), draws, record(state))
 
-        state = jax.tree.unflatten(traced["structure"], leaves)
+        state = jax.tree.unflatten(parts.structure, leaves)
         empty = jax.tree.map(lambda x: jnp.zeros((CHUNK,) + x.shape, x.dtype), record(state))
         state, draws = lax.fori_loop(0, n, transition, (state, empty))
         adaptation = (state.adapt_state.step_size, jax.tree.leaves(state.adapt_state.inverse_mass_matrix)[0])
         return jax.tree.leaves(state), draws, adaptation
 
-    step_program = export.export(jax.jit(step))(
+    return export.export(jax.jit(step))(
         _batched_shape(leaves, batch), _batched_shape(arrays, batch), jax.ShapeDtypeStruct((), jnp.int32)
     )
 
-    def constrain(flat, data):
-        """Raveled draws (chains, draws, dims) -> (unconstrained sites, constrained sites)."""
-        z = jax.vmap(jax.vmap(traced["unravel"]))(flat)
-        return z, jax.vmap(jax.vmap(traced["postprocess"](**data, **constants)))(z)
 
-    position = jax.tree.unflatten(traced["structure"], leaves).z[POSITION]
+def _export_constrain(
+    parts: NutsParts, leaves: list, arrays: dict[str, Any], constants: dict[str, Any], settings: SamplerSettings
+) -> export.Exported:
+    """The constrain program: one shard's raveled draws to its unconstrained and constrained sites."""
+
+    def constrain(flat, data):
+        """(chains, draws, dims) -> (unconstrained sites, constrained sites)."""
+        z = jax.vmap(jax.vmap(parts.unravel))(flat)
+        return z, jax.vmap(jax.vmap(parts.postprocess(**data, **constants)))(z)
+
+    position = jax.tree.unflatten(parts.structure, leaves).z[POSITION]
     draws = jax.ShapeDtypeStruct((settings.chains, settings.samples) + position.shape[1:], position.dtype)
-    constrain_program = export.export(jax.jit(constrain))(draws, _shape(arrays))
-    return [init_program, step_program, constrain_program]
+    return export.export(jax.jit(constrain))(draws, _shape(arrays))
 
 
 def _compiled(program: export.Exported):
@@ -281,7 +319,6 @@ class CompiledNuts:
     ):
         if batch > 1 and not data_as_arguments:
             raise ValueError("only a model that takes its data as arguments can sample shards in a batch")
-        started = time.perf_counter()
         self.settings, self.batch, self.warm = settings, batch, warm
         self.data_as_arguments = data_as_arguments
         self.example = self._device(example)
@@ -299,20 +336,12 @@ class CompiledNuts:
             if key:
                 store_programs(key, programs)
         self.init_program, self.step_program, self.constrain_program = (_compiled(p) for p in programs)
-        self.compile_seconds = time.perf_counter() - started
-        self._unclaimed_compile = threading.Lock()
 
     def _cavity_example(self) -> dict[str, Any]:
         if not self.cavity_dims:
             return {}
         d = self.cavity_dims
         return {CAVITY[0]: jnp.zeros(d), CAVITY[1]: jnp.eye(d)}
-
-    def _claim_compile_seconds(self) -> float:
-        """The compile time, for the first batch that asks; later batches reuse the programs."""
-        with self._unclaimed_compile:
-            seconds, self.compile_seconds = self.compile_seconds, 0.0
-        return seconds
 
     def _device(self, arguments: dict[str, Any]) -> dict[str, Any]:
         return to_device(arguments) if self.data_as_arguments else arguments
@@ -335,14 +364,14 @@ class CompiledNuts:
             collected.append(jax.tree.map(lambda x: x[:n], draws))
         return state, jax.tree.map(lambda *parts: jnp.concatenate(parts), *collected), adaptation
 
-    def run(
+    def start(
         self,
         arguments: Sequence[dict[str, Any]],
         seeds: Sequence[int],
         cavities: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
         starts: Sequence["Adaptation"] | None = None,
-    ) -> list[Samples]:
-        """Warm up and sample shard i of `arguments` with seed i; one `Samples` per shard.
+    ) -> "Batch":
+        """Every chain's initial state, for shard i of `arguments` with seed i.
 
         `cavities`: shard i's (mean, precision) of the Gaussian cavity of a tilted model (EP);
         `starts`: shard i's warm start, for a sampler built with `warm`.
@@ -351,7 +380,6 @@ class CompiledNuts:
             raise ValueError(f"{len(arguments)} shards and {len(seeds)} seeds for a batch of {self.batch}")
         if (cavities is not None) != bool(self.cavity_dims) or (starts is not None) != bool(self.warm):
             raise ValueError("cavities and warm starts are given exactly to the samplers built for them")
-        started = time.perf_counter()
         # Without data as arguments `example` is the caller's own dict, baked into the programs.
         if not self.data_as_arguments and not all(a is self.example for a in arguments):
             raise ValueError("a model with its data as constants samples only the data it was compiled for")
@@ -371,24 +399,22 @@ class CompiledNuts:
                 for keys, shard, s in zip(chain_keys, data, starts)
             ]
         padding = self.batch - len(arguments)  # a short last batch repeats its first shard
-        state, data_batch = _stack(states + states[:1] * padding), _stack(data + data[:1] * padding)
-        initialised = time.perf_counter()
-
-        state, _, _ = jax.block_until_ready(self._transitions(state, data_batch, self.settings.warmup))
-        warmed = time.perf_counter()
-        state, (z, diverging, num_steps, gradient), (step_size, inverse_mass) = jax.block_until_ready(
-            self._transitions(state, data_batch, self.settings.samples)
+        return jax.block_until_ready(
+            Batch(_stack(states + states[:1] * padding), _stack(data + data[:1] * padding), data)
         )
-        sampled = time.perf_counter()
 
-        seconds = {
-            "compile": self._claim_compile_seconds(),
-            "init": initialised - started,
-            "warmup": warmed - initialised,
-            "sampling": sampled - warmed,
-        }
+    def warm_up(self, batch: "Batch") -> "Batch":
+        """The batch after `settings.warmup` transitions (NUTS adapts during them)."""
+        state, _, _ = jax.block_until_ready(self._transitions(batch.state, batch.data, self.settings.warmup))
+        return batch._replace(state=state)
+
+    def draw(self, batch: "Batch") -> list[Samples]:
+        """`settings.samples` transitions of a warmed-up batch: one `Samples` per shard."""
+        _, (z, diverging, num_steps, gradient), (step_size, inverse_mass) = self._transitions(
+            batch.state, batch.data, self.settings.samples
+        )
         results = []
-        for i, shard_data in enumerate(data):
+        for i, shard_data in enumerate(batch.shards):
             # draws come stacked first: (draws, shards, chains, dims) -> (chains, draws, dims)
             shard_z, constrained = self.constrain_program(jnp.swapaxes(z[:, i], 0, 1), shard_data)
             results.append(
@@ -398,7 +424,6 @@ class CompiledNuts:
                     diverging=np.asarray(diverging[:, i]).T,
                     num_steps=np.asarray(num_steps[:, i]).T,
                     step_size=np.asarray(step_size[i]),
-                    seconds=dict(seconds),
                     programs="loaded" if self.loaded_programs else "traced",
                     global_gradient=np.swapaxes(np.asarray(gradient[:, i]), 0, 1),
                     adaptation=Adaptation(
@@ -407,6 +432,25 @@ class CompiledNuts:
                 )
             )
         return results
+
+    def run(
+        self,
+        arguments: Sequence[dict[str, Any]],
+        seeds: Sequence[int],
+        cavities: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+        starts: Sequence["Adaptation"] | None = None,
+    ) -> list[Samples]:
+        """Warm up and sample shard i of `arguments` with seed i (`start`, `warm_up`, `draw`)."""
+        return self.draw(self.warm_up(self.start(arguments, seeds, cavities, starts)))
+
+
+class Batch(NamedTuple):
+    """Shards on their way through `CompiledNuts`: NUTS's state and the shards' traced arguments,
+    stacked (a short batch padded with its first shard), and each shard's own arguments."""
+
+    state: Any
+    data: Any
+    shards: list[dict[str, Any]]
 
 
 def run_nuts(

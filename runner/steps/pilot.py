@@ -38,6 +38,7 @@ from ..store.draws import component_names, to_parquet_bytes
 from .inputs import whole_data_stats
 from .messages import pilot_message
 from .sample import sampling_diagnostics, shard_draws
+from .timing import Stopwatch, timed_nuts
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,10 @@ def run(spec: FitSpec, layout: FitLayout, options: PilotOptions = PilotOptions()
         raise BadInput("the model has no global latent sites: nothing for EP to combine")
     settings = SamplerSettings.from_spec(spec.sampler)
     tempered = temper(model.fn, frozenset(sites), len(shards) / spec.shards)
-    loaded = time.perf_counter() - started
-    sampler = CompiledNuts(tempered, arguments, settings, 1, model.data_as_arguments)
-    samples = sampler.run([sampler.example], [spec.seeds.pilot])[0]
+    clock = Stopwatch(load=time.perf_counter() - started)
+    with clock.phase("compile"):
+        sampler = CompiledNuts(tempered, arguments, settings, 1, model.data_as_arguments)
+    (samples,) = timed_nuts(sampler, clock, [sampler.example], [spec.seeds.pilot])
 
     u = global_vector(samples.unconstrained, sites)
     flat = u.reshape(-1, u.shape[-1])
@@ -89,7 +91,7 @@ def run(spec: FitSpec, layout: FitLayout, options: PilotOptions = PilotOptions()
         "groups": data.groups, "global_sites": sites,
         **sampling_diagnostics(samples, global_sites, settings),
     }
-    diagnostics["seconds"] = {"load": round(loaded, 3), **{k: round(v, 3) for k, v in samples.seconds.items()}}
+    diagnostics["seconds"] = clock.rounded()
     diagnostics_bytes = json.dumps(diagnostics, indent=1).encode()
     store.write_bytes(folder.draws, draws_bytes)
     store.write_bytes(folder.diagnostics, diagnostics_bytes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import BadInput
-from ..inference.conditional import resample_groups
+from ..inference.conditional import adapt_at_centre, draw_given
 from ..inference.nuts import SamplerSettings
 from ..layout import DRAWS, FitLayout
 from ..spec import FitSpec
@@ -20,6 +20,7 @@ from ..store.completion import completed, mark_complete
 from ..store.draws import Draws, Site, from_parquet_bytes, to_parquet_bytes
 from .inputs import pod_shard_list, shard_model
 from .messages import resample_message
+from .timing import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,14 @@ def run(spec: FitSpec, layout: FitLayout, options: ResampleOptions = ResampleOpt
     combined = from_parquet_bytes(store.read_bytes(layout.combined.draws))
     model = shard_model(spec, layout, shard, options.data, options.stats)
     theta = {name: combined.constrained[name] for name in combined.global_names()}
-    result = resample_groups(
-        model.fn, model.arguments, theta, resample_settings(spec, shard),
-        transition_seed=spec.seeds.resample_transitions(shard),
-    )
+    settings, clock = resample_settings(spec, shard), Stopwatch()
+    with clock.phase("adapt"):
+        adaptation = adapt_at_centre(model.fn, model.arguments, theta, settings)
+    with clock.phase("resample"):
+        result = draw_given(
+            model.fn, model.arguments, theta, adaptation, settings,
+            transition_seed=spec.seeds.resample_transitions(shard),
+        )
     arrays = {**result.latent, **result.deterministic}
     if not arrays:
         done = mark_complete(store, folder.marker, fingerprint, {}, note="no group-level sites")
@@ -78,7 +83,7 @@ def run(spec: FitSpec, layout: FitLayout, options: ResampleOptions = ResampleOpt
         fingerprint,
         {DRAWS: len(draws_bytes)},
         accept_prob=result.accept_prob,
-        seconds={k: round(v, 3) for k, v in result.seconds.items()},
+        seconds=clock.rounded(),
     )
     return resample_message(shard, done)
 

@@ -44,6 +44,7 @@ from ..store.draws import Draws, Site, to_parquet_bytes
 from ..store.storage import Store
 from .inputs import partition_manifest, pod_shard_list, whole_data_stats
 from .messages import pod_message, sample_message
+from .timing import Stopwatch, timed_nuts
 from .update import check_round, previous_state
 
 IO_THREADS = 4
@@ -204,10 +205,10 @@ def tilted_moments(samples: Samples, tilting: Tilting) -> dict:
 
 def _write(
     spec: FitSpec, store: Store, prepared: PreparedShard, samples: Samples, settings: SamplerSettings, bucket,
-    tilting: Tilting | None,
+    tilting: Tilting | None, clock: Stopwatch,
 ) -> dict:
     """Draws, diagnostics and the marker of one sampled shard (with EP, its tilted moments and
-    warm start too); its termination summary."""
+    warm start too); its termination summary. `clock`: the batch's compile and sampling phases."""
     started = time.perf_counter()
     loaded, global_sites = prepared.loaded, prepared.global_sites
     files = {}
@@ -236,7 +237,7 @@ def _write(
         "padded": {"rows": bucket.rows, "groups": bucket.groups} if bucket else None,
         "global_sites": global_sites.latent,
         **sampling_diagnostics(samples, global_sites, settings),
-        "seconds": {"load": prepared.seconds, **samples.seconds},
+        "seconds": {"load": prepared.seconds, **clock.seconds},
     }
     folder = loaded.folder
     store.write_bytes(folder.draws, draws_bytes)
@@ -333,14 +334,14 @@ def _sampler(
     )
 
 
-def _run(sampler: CompiledNuts, batch: list[PreparedShard], tilting: Tilting | None) -> list[Samples]:
+def _run(sampler: CompiledNuts, batch: list[PreparedShard], tilting: Tilting | None, clock: Stopwatch) -> list[Samples]:
     """Sample a batch of prepared shards (in an EP round: each with its cavity and warm start)."""
     arguments, seeds = [p.arguments for p in batch], [p.seed for p in batch]
     if tilting is None:
-        return sampler.run(arguments, seeds)
+        return timed_nuts(sampler, clock, arguments, seeds)
     cavities = [tilting.state.cavity(p.loaded.shard) for p in batch]
     starts = [p.loaded.start for p in batch] if tilting.warm else None
-    return sampler.run(arguments, seeds, [(c.mean, c.precision) for c in cavities], starts)
+    return timed_nuts(sampler, clock, arguments, seeds, [(c.mean, c.precision) for c in cavities], starts)
 
 
 def _sample_padded(
@@ -364,12 +365,15 @@ def _sample_padded(
     # What the model is, for the program store: the fit's spec, the statistics it was built
     # from, and the global (tempered) sites.
     identity = json.dumps([spec.fingerprint(), stats, head.global_sites.latent], sort_keys=True, default=str)
-    sampler = _sampler(spec, model, settings, head, width, identity, tilting)
+    compiling = Stopwatch()
+    with compiling.phase("compile"):
+        sampler = _sampler(spec, model, settings, head, width, identity, tilting)
 
-    def sample(batch: list[PreparedShard]) -> list[Future]:
-        results = _run(sampler, batch, tilting)
+    def sample(batch: list[PreparedShard], clock: Stopwatch) -> list[Future]:
+        results = _run(sampler, batch, tilting, clock)
         return [
-            io.submit(_write, spec, store, p, samples, settings, bucket, tilting) for p, samples in zip(batch, results)
+            io.submit(_write, spec, store, p, samples, settings, bucket, tilting, clock)
+            for p, samples in zip(batch, results)
         ]
 
     with ThreadPoolExecutor(lanes) as running:
@@ -379,7 +383,9 @@ def _sample_padded(
                 batch = [head if i == 0 else _prepare(model, spec, loads[i].result(), bucket, tilting)
                          for i in range(start, min(start + width, len(loads)))]
                 _same_global_sites([head] + batch)
-                sampled.append(running.submit(sample, batch))
+                # the first batch is charged the compile time; later ones reuse the programs
+                clock = Stopwatch(**compiling.seconds) if start == 0 else Stopwatch(compile=0.0)
+                sampled.append(running.submit(sample, batch, clock))
             return [written for batch in sampled for written in batch.result()]
         except BaseException:
             running.shutdown(cancel_futures=True)  # a failed shard fails the pod now, not after the rest
@@ -393,8 +399,11 @@ def _sample_one_by_one(
     written = []
     for future in loads:
         prepared = _prepare(model, spec, future.result(), None, tilting)
-        samples = _run(_sampler(spec, model, settings, prepared, 1, None, tilting), [prepared], tilting)[0]
-        written.append(io.submit(_write, spec, store, prepared, samples, settings, None, tilting))
+        clock = Stopwatch()
+        with clock.phase("compile"):
+            sampler = _sampler(spec, model, settings, prepared, 1, None, tilting)
+        samples = _run(sampler, [prepared], tilting, clock)[0]
+        written.append(io.submit(_write, spec, store, prepared, samples, settings, None, tilting, clock))
     return written
 
 

@@ -51,7 +51,7 @@ def test_same_transitions_as_numpyro_mcmc(data):
 
 def test_batches_run_in_threads_at_once(data):
     """`run` traces nothing, so threads may share one compiled sampler (the CPU lanes of a pod);
-    each batch gets the draws it gets alone, and the compile time is reported once."""
+    each batch gets the draws it gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
     settings = SamplerSettings(warmup=10, samples=10, chains=2)
@@ -62,5 +62,3 @@ def test_batches_run_in_threads_at_once(data):
         together = list(threads.map(lambda seed: sampler.run([arguments], [seed])[0], range(4)))
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a.constrained["mu"], b.constrained["mu"])
-    assert alone[0].seconds["compile"] > 0
-    assert [s.seconds["compile"] for s in alone[1:] + together] == [0.0] * 7

@@ -247,3 +247,16 @@ def test_a_bad_shard_fails_a_packed_pod_at_once_and_names_itself(tmp_path, three
     with pytest.raises(BadInput, match=r"shard 1 .*column y has 1 NaN"):
         sample_shards(spec, [0, 1, 2], lambda k: data.replace("{shard}", str(k)), stats, out, sizes, lanes=2)
     assert not open_store(out).child("shards/1").exists("_SUCCESS.json")
+
+
+def test_the_first_batch_is_charged_the_compile_time_and_the_others_reuse_it(tmp_path, three_shards):
+    """Three shards, one a call, in two lanes: one compile, reported by shard 0 only; every
+    shard reports each phase the step timed."""
+    spec, stats, sizes, data = three_shards
+    out = str(tmp_path / "out")
+    sample_shards(spec, [0, 1, 2], lambda k: data.replace("{shard}", str(k)), stats, out, sizes, lanes=2)
+    store = open_store(out)
+    seconds = [json.loads(store.read_bytes(f"shards/{k}/diagnostics.json"))["seconds"] for k in range(3)]
+    assert [set(s) for s in seconds] == [{"load", "compile", "init", "warmup", "sampling", "write"}] * 3
+    assert seconds[0]["compile"] > 0 and [s["compile"] for s in seconds[1:]] == [0.0, 0.0]
+    assert all(s["warmup"] > 0 and s["sampling"] > 0 for s in seconds)
