@@ -4,7 +4,8 @@ from .contract import EXIT_BAD_INPUT, EXIT_TRANSIENT
 
 
 class BadInput(Exception):
-    """The input can never succeed as given (spec, data, model): exit 3, do not retry."""
+    """The input can never succeed as given (spec, data, model, or an output folder that is
+    full or not writable): exit 3, do not retry; the user must fix it."""
 
     exit_code = EXIT_BAD_INPUT
 

@@ -19,10 +19,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 
@@ -106,14 +107,44 @@ def shard_environment(processes: int) -> dict[str, str]:
         CPU_LANES: str(max(1, cores.available_cores() // processes)),
     }
 
-def _stop(processes) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
+# The last bytes of a failed process's output that its error line is looked for in.
+ERROR_TAIL_BYTES = 1 << 16
+
+
+@dataclass
+class ShardProcess:
+    """One process of a per-shard step, its output (stderr) going to a log file: a pipe read only
+    once the process has ended fills at 64 KiB, and the process then blocks for ever."""
+
+    shards: list[int]
+    process: subprocess.Popen
+    log: IO[bytes]
+
+    def last_line(self) -> str:
+        self.log.seek(max(0, self.log.seek(0, os.SEEK_END) - ERROR_TAIL_BYTES))
+        lines = self.log.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no output"
+
+    def discard_log(self) -> None:
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def start_shard_process(command: list[str], environment: dict[str, str], shards: list[int], step: str) -> ShardProcess:
+    log = tempfile.NamedTemporaryFile(prefix=f"consensusfit-{step}-{shards[0]}-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=log)
+    return ShardProcess(shards, process, log)
+
+
+def _stop(running: list[ShardProcess]) -> None:
+    for shard_process in running:
+        shard_process.process.terminate()
+    for shard_process in running:
         try:
-            process.wait(timeout=10)
+            shard_process.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            process.kill()
+            shard_process.process.kill()
+        shard_process.discard_log()
 
 def run_shards(
     spec: FitSpec, root: str, workers: int, progress: Progress, step: str = SAMPLE, round_: int | None = None
@@ -122,11 +153,12 @@ def run_shards(
     on the first failure.
 
     Ctrl-C (or any failure) terminates the running shards; shards that completed keep their
-    `_SUCCESS.json`, so the next run starts where this one stopped.
+    `_SUCCESS.json`, so the next run starts where this one stopped. A failed process's log is
+    kept and named in the error; the others' are removed.
     """
     activity = SHARD_STEPS[step] + (f" (EP round {round_})" if round_ is not None else "")
     pending = process_shards(spec, step)
-    running: dict[tuple[int, ...], subprocess.Popen] = {}
+    running: list[ShardProcess] = []
     environment = shard_environment(min(workers, len(pending)))
     done = 0
     phase_started = time.monotonic()
@@ -135,25 +167,23 @@ def run_shards(
         while pending or running:
             while pending and len(running) < workers:
                 shards = pending.pop(0)
-                running[tuple(shards)] = subprocess.Popen(
-                    shard_command(spec, root, shards, step, round_), env=environment,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                )
+                command = shard_command(spec, root, shards, step, round_)
+                running.append(start_shard_process(command, environment, shards, step))
             time.sleep(0.1)
-            for shards, process in list(running.items()):
-                if process.poll() is None:
-                    continue
-                del running[shards]
-                error = process.stderr.read().strip()
-                if process.returncode != 0:
-                    reason = error.splitlines()[-1] if error else "no output"
-                    failure = BadInput if process.returncode == EXIT_BAD_INPUT else TransientError
+            for finished in [p for p in running if p.process.poll() is not None]:
+                running.remove(finished)
+                shards, code = finished.shards, finished.process.returncode
+                if code != 0:
+                    reason = finished.last_line()
+                    finished.log.close()
+                    failure = BadInput if code == EXIT_BAD_INPUT else TransientError
                     named = f"shard {shards[0]}" if len(shards) == 1 else f"shards {shards[0]}-{shards[-1]}"
-                    raise failure(f"{activity} {named} failed (exit {process.returncode}): {reason}")
+                    raise failure(f"{activity} {named} failed (exit {code}): {reason} (its output: {finished.log.name})")
+                finished.discard_log()
                 done += len(shards)
-                progress.shards(activity, done, sum(map(len, running)), phase_started)
+                progress.shards(activity, done, sum(len(p.shards) for p in running), phase_started)
     finally:
-        _stop(running.values())
+        _stop(running)
 
 @dataclass(frozen=True)
 class FitResult:

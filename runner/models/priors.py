@@ -26,6 +26,10 @@ Arguments are positional in the order below, or named by keyword (either name li
 
 `HalfStudentT` is a Student-t folded at 0 (twice its density on x > 0).
 
+Numbers. Every argument must be a finite float32 number (|x| <= 3.4e38), a positive one at least
+float32's smallest normal number (1.2e-38), and a Uniform's width finite in float32: a GPU samples
+in float32, where larger numbers overflow and smaller ones flush to zero.
+
 Tempering. On a fit with K > 1 shards every global prior is raised to 1/K on each shard. A prior
 whose tempered density p(θ)^(1/K) has no finite integral is refused:
 - Student-t with df = ν (Cauchy: ν = 1; also the half versions): the tails go as |θ|^(-(ν+1)/K),
@@ -206,23 +210,24 @@ def parse_prior(text: object, where: str = "prior") -> Prior:
 
 # A prior's numbers must survive float32, the precision on a GPU (runner/inference/runtime.py):
 # beyond these NumPyro's log density is infinite or its scale flushes to zero, and sampling fails.
-FLOAT32 = np.finfo(np.float32)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).smallest_normal)
 
 
 def _check_numbers(family_name: str, family: _Family, given: dict[str, float], where: str) -> None:
     """Refuse numbers no sampler can use: infinite or beyond float32, a positive one below
     float32's smallest normal number, or a Uniform whose width overflows."""
     for name, value in given.items():
-        if not abs(value) <= FLOAT32.max:
-            raise BadInput(f"{where}: {name} = {value:g} is not a finite float32 number (|x| <= {FLOAT32.max:.3g})")
+        if not abs(value) <= FLOAT32_MAX:
+            raise BadInput(f"{where}: {name} = {value:g} is not a finite float32 number (|x| <= {FLOAT32_MAX:.3g})")
     for name in family.positive:
-        if not given[name] >= FLOAT32.smallest_normal:
-            raise BadInput(f"{where}: {name} must be positive (at least {FLOAT32.smallest_normal:.3g}), got {given[name]:g}")
+        if not given[name] >= FLOAT32_SMALLEST_NORMAL:
+            raise BadInput(f"{where}: {name} must be positive (at least {FLOAT32_SMALLEST_NORMAL:.3g}), got {given[name]:g}")
     if family_name == "Uniform":
         if not given["low"] < given["high"]:
             raise BadInput(f"{where}: lower must be below upper")
-        if not given["high"] - given["low"] <= FLOAT32.max:
-            raise BadInput(f"{where}: upper - lower overflows float32 (at most {FLOAT32.max:.3g})")
+        if not given["high"] - given["low"] <= FLOAT32_MAX:
+            raise BadInput(f"{where}: upper - lower overflows float32 (at most {FLOAT32_MAX:.3g})")
 
 
 def check_support(prior: Prior, support: str, where: str) -> None:

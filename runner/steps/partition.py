@@ -111,12 +111,20 @@ def run(spec, layout: FitLayout, options: PartitionOptions = PartitionOptions())
 def partition_fit(
     spec, out_uri: str, worker: int = 0, workers: int = 1, *, log=None
 ) -> dict:
-    """Partition the fit's data under `out_uri` with the columns its model reads."""
+    """Partition the fit's data under `out_uri` with the columns its model reads.
+
+    The model is checked twice, so that a bad one fails here, once, and not in every shard: what
+    needs no data before any data is read (required_columns), and the rest (which parameters
+    there are, so which prior fits which) with the whole-data statistics, before the manifest.
+    """
     # here, not at the top: a formula model imports JAX, which partitioning never needs
-    from ..models.from_spec import required_columns
+    from ..models.from_spec import model_from_spec, required_columns
 
     columns, numeric = required_columns(spec)
-    return partition(spec, out_uri, columns, numeric, worker=worker, workers=workers, log=log)
+    return partition(
+        spec, out_uri, columns, numeric, worker=worker, workers=workers, log=log,
+        check_model=lambda stats: model_from_spec(spec, stats),
+    )
 
 
 def partition(
@@ -129,8 +137,10 @@ def partition(
     *,
     memory_bytes: int | None = None,
     log: Callable[[str], None] | None = None,
+    check_model: Callable[[dict], object] | None = None,
 ) -> dict:
-    """Partition with an explicit column list (what `partition_fit` derives from the model)."""
+    """Partition with an explicit column list (what `partition_fit` derives from the model);
+    `check_model(stats)` refuses a model that does not fit the whole-data statistics."""
     log = log or _no_log
     if workers < 1 or not 0 <= worker < workers:
         raise BadInput(f"partition worker {worker} of {workers}: need 0 <= worker < workers")
@@ -171,12 +181,15 @@ def partition(
             "finished": now(),
         })
         log(f"partition: worker {worker} wrote its shards after {time.monotonic() - started:.1f}s")
-    finalize_partition(spec, out_uri, workers)
+    finalize_partition(spec, out_uri, workers, check_model)
     return partition_message(int(plan.rows), int(plan.groups))
 
 
-def finalize_partition(spec, out_uri: str, workers: int) -> dict | None:
-    """Write the manifest if all `workers` workers are done; the manifest, or None if not yet."""
+def finalize_partition(
+    spec, out_uri: str, workers: int, check_model: Callable[[dict], object] | None = None
+) -> dict | None:
+    """Write the manifest if all `workers` workers are done (and the model, if `check_model` is
+    given, fits the whole-data statistics); the manifest, or None if not yet."""
     layout = FitLayout(out_uri)
     out, files = layout.store, layout.partition
     fingerprint = spec.fingerprint()
@@ -220,6 +233,8 @@ def finalize_partition(spec, out_uri: str, workers: int) -> dict | None:
     group = spec.group_column
     if group:
         stats[group] = {"groups": plan["groups"]}
+    if check_model is not None:
+        check_model(stats)
     rows = np.asarray(plan["per_shard_rows"], dtype=np.float64)
     manifest = {
         "fingerprint": fingerprint,

@@ -9,11 +9,14 @@ exponential backoff and full jitter, within a bounded budget of attempts and sec
 budget runs out the failure is raised as `TransientError` naming the object.
 
 Local writes go to a temporary file renamed into place, so a reader never sees half an object.
-S3 PUTs are atomic by nature.
+S3 PUTs are atomic by nature. A local write that fails for a reason only the user can fix (a
+full disk or quota, the file size limit, no permission) removes its temporary file and is
+refused as bad input naming the file: no retry would help.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import time
@@ -37,6 +40,9 @@ RETRYABLE_CODES = {
     "RequestLimitExceeded",
 }
 NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# Local write errors that only the user can fix: full disk or quota, the file size limit
+# (`ulimit -f`), no permission, a read-only file system.
+USER_FIXES_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @dataclass(frozen=True)
@@ -130,10 +136,16 @@ class LocalStore(Store):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self.path / key
-        target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        temporary.write_bytes(data)
-        temporary.replace(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_bytes(data)
+            temporary.replace(target)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            if error.errno not in USER_FIXES_WRITE:
+                raise
+            raise BadInput(f"cannot write {target} ({len(data)} bytes): {os.strerror(error.errno)}") from None
 
     def exists(self, key: str) -> bool:
         return (self.path / key).is_file()
