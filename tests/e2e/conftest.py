@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from e2e_support import (
     NAMESPACE,
+    REBORN_FIT,
     SCALE_FIT,
     Executor,
     Installation,
@@ -29,6 +30,14 @@ from e2e_support import (
 )
 
 HERE = Path(__file__).resolve().parent
+# Short, so that the tests of blocked fits see them fail; long enough that no healthy pod of the
+# other tests is ever pending that long on this machine.
+BLOCKED_GRACE_SECONDS = 30
+
+
+def pytest_collection_modifyitems(items):
+    """The uninstall test removes the chart and the CRD: it runs after every other test."""
+    items.sort(key=lambda item: item.path.name == "test_e2e_uninstall.py")
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +50,7 @@ def cluster(tmp_path_factory):
     if clusterlib.helm_path() is None:
         pytest.skip("end-to-end tests skipped: helm could not be built (scripts/tools.sh install helm)")
     work = tmp_path_factory.mktemp("cluster")
-    control_plane = clusterlib.Cluster(work, complete_fits=(SCALE_FIT,), gpu_nodes=4, gpus_per_node=512)
+    control_plane = clusterlib.Cluster(work, complete_fits=(SCALE_FIT, REBORN_FIT), gpu_nodes=4, gpus_per_node=512)
     control_plane.start()
     yield control_plane
     control_plane.stop()
@@ -69,8 +78,10 @@ def bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def installation(cluster, s3_endpoint) -> Installation:
-    """The chart, installed with helm as a user would, watching the fits' namespace."""
+    """The chart, installed with helm as a user would, watching the fits' namespace, where the API
+    server admits pods under the restricted Pod Security Standard only."""
     cluster.kubectl("create", "namespace", NAMESPACE)
+    cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
     cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", NAMESPACE,
                     "--from-literal=AWS_ACCESS_KEY_ID=testing", "--from-literal=AWS_SECRET_ACCESS_KEY=testing")
     installed = install(cluster, [
@@ -79,6 +90,7 @@ def installation(cluster, s3_endpoint) -> Installation:
         "runner.s3.region=us-east-1",
         "runner.s3.credentialsSecret=s3-credentials",
         "operator.resyncSeconds=1",
+        f"operator.blockedGraceSeconds={BLOCKED_GRACE_SECONDS}",
     ])
     installed.can_update_finalizers = can_i(
         cluster, installed, "update", "consensusfits.consensusfit.dev", NAMESPACE, "finalizers")

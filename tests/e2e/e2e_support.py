@@ -50,6 +50,7 @@ RELEASE = "consensusfit"
 OPERATOR_NAMESPACE = "consensusfit-system"
 NAMESPACE = "e2e"  # where the test fits live (watched by the operator)
 SCALE_FIT = "scale-2000"  # kwok completes this fit's pods as the runner would
+REBORN_FIT = "reborn"  # and this one's: a fit deleted with its Jobs orphaned, then applied again
 FIT_TEMPLATE = Path(__file__).resolve().parent / "e2e_fit.yaml"
 
 

@@ -10,7 +10,6 @@ into the fit's status.
 from __future__ import annotations
 
 import json
-import time
 
 import boto3
 import pyarrow as pa
@@ -82,7 +81,6 @@ def s3_keys(uri: str) -> list[str]:
 def restart(operator) -> None:
     """SIGKILL the operator (no chance to clean up) and start a fresh one."""
     operator.kill()
-    time.sleep(2)
     operator.start()
 
 
@@ -141,6 +139,10 @@ def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, op
     pods = api.pods(name)
     assert pods and all(p.spec.node_name.startswith("gpu-node-") for p in pods)
     assert all(p.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1" for p in pods)
+    # Admitted under the restricted Pod Security Standard (the namespace enforces it), without an API token.
+    assert api.core.read_namespace(NAMESPACE).metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert all(p.spec.automount_service_account_token is False for p in pods)
+    assert not any(v.projected for p in pods for v in p.spec.volumes or [])
     assert all(p.metadata.owner_references[0].kind == "Job" for p in pods)
     shard_runs = sorted((r["index"], r["exit"]) for r in executor.runs if r["fit"] == name and r["step"] == "sample")
     assert shard_runs == [("0", 0), ("1", 0), ("1", 1)], executor.runs
@@ -313,7 +315,8 @@ def test_a_changed_immutable_field_is_rejected(cluster, installation, bucket):
     for change, message in (({"shards": 3}, "spec.shards is immutable"),
                             ({"sampler": {"warmup": 61, "samples": 60, "chains": 1, "seed": 1}},
                              "spec.sampler is immutable"),
-                            ({"data": {"uri": f"{bucket}/other/", "groupColumn": "g"}}, "spec.data is immutable")):
+                            ({"data": {"uri": f"{bucket}/other/", "groupColumn": "g"}}, "spec.data is immutable"),
+                            ({"output": {"uri": f"{bucket}/elsewhere/"}}, "spec.output is immutable")):
         result = apply(cluster, render_fit(name, bucket, suspend=True, **change), check=False)
         assert result.returncode != 0 and message in result.stderr, result.stderr
     # Changing a mutable field is fine.
@@ -357,3 +360,77 @@ def test_the_api_server_accepts_a_packed_sample_job_with_its_lanes_from_the_cpu_
     env = dry_run(job)["spec"]["template"]["spec"]["containers"][0]["env"]
     lanes = next(e for e in env if e["name"] == "CONSENSUSFIT_CPU_LANES")
     assert lanes["valueFrom"]["resourceFieldRef"]["resource"] == "requests.cpu"
+
+
+BLOCKED = {
+    # The Priority admission plugin refuses the pod: the Job controller's FailedCreate event says why.
+    "missing PriorityClass": ({"priorityClassName": "no-such-class"}, "FailedCreate",
+                              "no PriorityClass with name no-such-class was found"),
+    # The real scheduler finds no node: PodScheduled=False, reason Unschedulable.
+    "no node fits": ({"nodeSelector": {"consensusfit.dev/no-such-node": "x"}}, "Unschedulable",
+                     "didn't match Pod's node affinity/selector"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCKED))
+def test_a_fit_whose_pods_cannot_start_is_blocked_then_fails_with_the_reason(cluster, operator, bucket, case):
+    """Nothing starts, yet the fit says why (the Blocked condition, a Warning event) and fails with
+    that reason after the operator's grace period, instead of hanging in Partitioning."""
+    runner, reason, message = BLOCKED[case]
+    api, name = Api(cluster), "blocked-" + case.replace(" ", "-").lower()
+    apply(cluster, render_fit(name, bucket, runner=runner))
+    fit = wait_phase(api, name, ("Failed", "Succeeded"), 300, operator)
+    conditions = {c["type"]: c for c in fit["status"]["conditions"]}
+    assert conditions["Failed"]["reason"] == reason and message in conditions["Failed"]["message"], conditions
+    assert conditions["Blocked"]["status"] == "True" and conditions["Blocked"]["reason"] == reason
+    events = api.core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={name}").items
+    assert any(e.type == "Warning" and e.reason == reason and message in e.message for e in events), events
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+
+
+def test_a_job_the_api_server_refuses_fails_the_fit_with_the_servers_message(cluster, operator, bucket):
+    api, name = Api(cluster), "refused"
+    apply(cluster, render_fit(name, bucket, runner={"labels": {"team": "not a label value!"}}))
+    fit = wait_phase(api, name, ("Failed", "Succeeded"), 300, operator)
+    failed = next(c for c in fit["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "JobRejected", failed
+    assert f'Job.batch "{name}-partition" is invalid' in failed["message"], failed
+    assert "metadata.labels: Invalid value" in failed["message"], failed
+    assert not api.jobs(name)
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+
+
+def test_a_fit_applied_again_after_an_orphaning_delete_does_not_adopt_the_old_jobs(cluster, operator, bucket):
+    """`kubectl delete --cascade=orphan` of a Succeeded fit leaves its Jobs (the garbage collector
+    removes their owner references). The same manifest applied again is a new fit (another uid): it
+    must not report the old result, but say that the old Jobs are in its way, and not touch them."""
+    from e2e_support import REBORN_FIT, scale_manifest
+
+    api, name = Api(cluster), REBORN_FIT
+    manifest = json.dumps(scale_manifest(name, 2, bucket))  # kwok completes its pods as the runner would
+    apply(cluster, manifest)
+    first = wait_succeeded(api, name, 300, operator)
+    old_jobs = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--cascade=orphan", "--wait=true", "--timeout=120s")
+    wait_for(lambda: all(not job.metadata.owner_references for job in api.jobs(name)), 120,
+             "the garbage collector to orphan the old Jobs")
+
+    apply(cluster, manifest)
+    second = api.fit(name)
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+
+    def blocked():
+        fit = api.fit(name)
+        assert (fit.get("status") or {}).get("phase") != "Succeeded", json.dumps(fit["status"])
+        found = [c for c in (fit.get("status") or {}).get("conditions", []) if c["type"] == "Blocked"]
+        return found[0] if found and found[0]["reason"] == "JobNameTaken" else None
+
+    condition = wait_for(blocked, 120, "the new fit to be Blocked by the old Jobs")
+    assert f"Job {name}-partition is owned by no one (orphaned)" in condition["message"]
+    fit = api.fit(name)
+    assert "result" not in fit["status"] and fit["status"]["phase"] != "Succeeded"
+    events = api.core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.uid={fit['metadata']['uid']}").items
+    assert any(e.reason == "ForeignJob" for e in events), [(e.reason, e.message) for e in events]
+    assert {job.metadata.name: job.metadata.uid for job in api.jobs(name)} == old_jobs
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+    cluster.kubectl("delete", "jobs", "-n", NAMESPACE, "-l", f"{FIT_LABEL}={name}", "--wait=true", "--timeout=120s")
