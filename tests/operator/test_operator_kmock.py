@@ -197,7 +197,7 @@ async def fit_posted(kmock: kmocklib.KubernetesEmulator, fit: dict):
 
 
 @pytest.mark.asyncio
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
     metrics = Metrics()
     fit = make_fit()
@@ -275,7 +275,7 @@ async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
 
 
 @pytest.mark.asyncio
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 async def test_an_ep_fit_runs_pilot_and_three_rounds_across_an_operator_restart(kmock):
     metrics = Metrics()
     updates = {1: update_report(1, False, mean=0.9, sd=0.3), 2: update_report(2, False, mean=0.2, sd=0.06),
@@ -337,7 +337,7 @@ async def test_an_ep_fit_runs_pilot_and_three_rounds_across_an_operator_restart(
 
 
 @pytest.mark.asyncio
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 async def test_jobs_of_an_old_fit_of_the_same_name_are_never_adopted(kmock):
     """An old fit `fvc` was deleted with --cascade=orphan after it succeeded: its five Jobs, complete,
     and their pods' reports are still there. A new fit `fvc` (another uid) must not go Succeeded
@@ -369,7 +369,7 @@ async def test_jobs_of_an_old_fit_of_the_same_name_are_never_adopted(kmock):
 
 
 @pytest.mark.asyncio
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 async def test_pods_that_cannot_start_are_reported_and_fail_the_fit_after_the_grace_period(kmock):
     """The partition Job cannot create its pod at first (the Job controller's FailedCreate event: no
     such ServiceAccount): Blocked, with the controller's message. Its pod then waits on a Secret
@@ -401,7 +401,7 @@ async def test_pods_that_cannot_start_are_reported_and_fail_the_fit_after_the_gr
 
 
 @pytest.mark.asyncio
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 async def test_a_fit_outside_the_admins_policy_is_refused_before_any_job(kmock):
     fit = make_fit(runner={"compilationCache": {"hostPath": {"path": "/"}}})
     async with fit_posted(kmock, fit) as (url, cluster):

@@ -26,7 +26,7 @@ from consensusfit.operator.planner import plan
 
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 from cfit_support import T0, ep_fit, job, make_fit, pod, shard_report, update_report  # noqa: E402
-from test_operator_kmock import FITS, Cluster, declare_resources, operator  # noqa: E402
+from test_operator_kmock import FITS, WAIT, Cluster, declare_resources, operator  # noqa: E402
 
 SCRAPE_JOB = "consensusfit-operator"
 
@@ -119,7 +119,7 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
             stdout=self.log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.folder / "prometheus.log").read_text()[-2000:]
@@ -156,7 +156,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def until(check, what: str, timeout: float = 20.0):
+async def until(check, what: str, timeout: float = WAIT):
     """Poll (in a thread: the operator runs in this loop) until check() is truthy."""
     deadline = time.monotonic() + timeout
     last = None
@@ -174,7 +174,7 @@ def value(prometheus: Prometheus, expr: str) -> float | None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
     prometheus_binary = tool("prometheus")
     declare_resources(kmock)
