@@ -8,6 +8,8 @@ operator reads none of it, only termination messages and the Jobs' counts.
 from __future__ import annotations
 
 import copy
+import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,3 +72,21 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def finite(document: Any) -> Any:
+    """`document` with every NaN and ±inf replaced by None: JSON has no such numbers (Python
+    writes bare `NaN`, which the API server and most parsers refuse). A diagnostic that is not
+    a number (the R-hat of a component that is constant by construction) is then `null`."""
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, Mapping):
+        return {key: finite(value) for key, value in document.items()}
+    if isinstance(document, (list, tuple)):
+        return [finite(value) for value in document]
+    return document
+
+
+def strict_json(document: Any, **options: Any) -> str:
+    """Every JSON file and message of the contract: `finite(document)`, refused if still not JSON."""
+    return json.dumps(finite(document), allow_nan=False, **options)

@@ -87,8 +87,13 @@ def _inverse_spd(matrix: np.ndarray) -> np.ndarray:
 def gaussian_product(shards: list[np.ndarray]) -> Product:
     """μ and Σ of (1) from the shards' draws."""
     _check(shards)
-    stats = [moments(s) for s in shards]
-    precisions = [_inverse_spd(m.cov) for m in stats]
+    stats, precisions = [], []
+    for k, draws in enumerate(shards):
+        try:
+            stats.append(moments(draws))
+            precisions.append(_inverse_spd(stats[-1].cov))
+        except (ValueError, np.linalg.LinAlgError) as error:
+            raise ValueError(f"shard {k}'s global draws have no positive definite covariance ({error})") from None
     total = np.sum(precisions, axis=0)
     cov = _inverse_spd(total)
     mean = cov @ np.sum([w @ m.mean for w, m in zip(precisions, stats)], axis=0)

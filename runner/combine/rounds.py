@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..contract import strict_json
 from ..errors import BadInput
 from ..store.draws import Site, component_names, scalar_components
 from ..store.storage import NotFound, Store
@@ -68,7 +69,7 @@ def state_document(
 
 
 def write_state(store: Store, key: str, state: RoundState) -> int:
-    data = json.dumps(asdict(state)).encode()
+    data = strict_json(asdict(state)).encode()
     store.write_bytes(key, data)
     return len(data)
 

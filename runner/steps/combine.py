@@ -44,6 +44,7 @@ from ..combine.rounds import (
     RoundState, answer, convergence_report, convergence_warnings, gaussian_draws, read_moments, tilted_agreement,
 )
 from ..combine.methods import combine
+from ..contract import strict_json
 from ..combine.packing import global_layout, pack, unconstrained_names, unpack
 from ..combine.summaries import global_summary, group_summary
 from ..combine.supports import bijections, constrain
@@ -229,7 +230,7 @@ def combine_globals(spec: FitSpec, layout: FitLayout, options: CombineOptions = 
         report = agreement(packed, values, unconstrained_names(sites_layout), list(range(spec.shards)))
     files = {  # names relative to combined/, as in the final marker that lists them again
         DRAWS: write_output(store, combined.draws, to_parquet_bytes(Draws(constrained, unconstrained, sites, metadata))),
-        AGREEMENT: write_output(store, combined.agreement, json.dumps(report, indent=1).encode()),
+        AGREEMENT: write_output(store, combined.agreement, strict_json(report, indent=1).encode()),
     }
     chains, draws = values.shape[:2]
     done = mark_complete(
@@ -287,7 +288,7 @@ def _finish(spec: FitSpec, layout: FitLayout, globals_done: dict) -> dict:
         "shard_diagnostics": rows,
         **({"ep": convergence} if convergence else {}),
     }
-    summary_bytes = json.dumps(summary, indent=1, allow_nan=True).encode()
+    summary_bytes = strict_json(summary, indent=1).encode()
     files = {**globals_done["files"], SUMMARY: write_output(store, combined_files.summary, summary_bytes)}
     mark_complete(store, combined_files.marker, spec.fingerprint(), files, combine=spec.combine)
     return combine_message(layout.uri(combined_files.prefix), {k: parameters[k] for k in globals_})

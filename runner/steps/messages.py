@@ -15,7 +15,7 @@ import json
 import math
 from typing import Iterable
 
-from ..contract import TERMINATION_LIMIT
+from ..contract import TERMINATION_LIMIT, finite, strict_json
 
 TRUNCATED = ', "truncated": true'
 SUMMARY_KEYS = ("mean", "sd", "q05", "q50", "q95")
@@ -29,7 +29,9 @@ def _size(message: dict) -> int:
 
 def within_limit(message: dict, limit: int = TERMINATION_LIMIT) -> dict:
     """`message` as it is if it fits in `limit` bytes; else with as many of its `parameters`, in
-    order, as fit, and `"truncated": true`; a `message` text too long is cut."""
+    order, as fit, and `"truncated": true`; a `message` text too long is cut. Non-numbers are null
+    (`contract.finite`)."""
+    message = finite(message)
     if _size(message) <= limit:
         return message
     if "parameters" in message:
@@ -48,7 +50,7 @@ def within_limit(message: dict, limit: int = TERMINATION_LIMIT) -> dict:
 
 def encode(message: dict) -> str:
     """The termination message as written: compact JSON, within the limit."""
-    return json.dumps(within_limit(message), separators=(",", ":"))
+    return strict_json(within_limit(message), separators=(",", ":"))
 
 
 def failure(reason: str, line: str) -> dict:
@@ -58,12 +60,18 @@ def failure(reason: str, line: str) -> dict:
 # ---------------------------------------------------------------- worst over shards
 
 
-def worst(parameters: Iterable[dict], empty=math.nan) -> tuple[float, float]:
-    """(largest `rhat`, smallest `ess_bulk`) of parameter diagnostics; `empty` for none."""
+def _numbers(values: Iterable) -> list[float]:
+    # NaN (a component constant by construction, e.g. a Cholesky factor's fixed entries) and null
+    # say nothing about convergence; leaving them out makes the worst case independent of order
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def worst(parameters: Iterable[dict], empty=None) -> tuple[float | None, float | None]:
+    """(largest `rhat`, smallest `ess_bulk`) of parameter diagnostics, over the ones that are
+    numbers; `empty` where none is."""
     parameters = list(parameters)
-    if not parameters:
-        return empty, empty
-    return max(p["rhat"] for p in parameters), min(p["ess_bulk"] for p in parameters)
+    rhats, esses = _numbers(p["rhat"] for p in parameters), _numbers(p["ess_bulk"] for p in parameters)
+    return (max(rhats) if rhats else empty), (min(esses) if esses else empty)
 
 
 def worst_of(reports: Iterable[dict]) -> tuple[float, float]:
@@ -141,7 +149,7 @@ def shard_row(shard: int, diagnostics: dict | None) -> dict:
     """A shard's row of the summary's `shard_diagnostics` (only `shard` without diagnostics)."""
     if diagnostics is None:
         return {"shard": shard}
-    rhat_max, ess_bulk_min = worst(diagnostics.get("parameters", {}).values(), empty=None)
+    rhat_max, ess_bulk_min = worst(diagnostics.get("parameters", {}).values())
     return {
         "shard": shard,
         "rows": diagnostics.get("rows"),

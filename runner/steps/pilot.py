@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from ..combine import ep
 from ..combine.rounds import global_vector, state_document, write_state
+from ..contract import strict_json
 from ..data.read import read_table, shard_data
 from ..errors import BadInput
 from ..inference.nuts import CompiledNuts, SamplerSettings
@@ -37,7 +38,7 @@ from ..store.completion import completed, mark_complete
 from ..store.draws import component_names, to_parquet_bytes
 from .inputs import whole_data_stats
 from .messages import pilot_message
-from .sample import sampling_diagnostics, shard_draws
+from .sample import check_moved, sampling_diagnostics, shard_draws
 from .timing import Stopwatch, timed_nuts
 
 
@@ -74,6 +75,7 @@ def run(spec: FitSpec, layout: FitLayout, options: PilotOptions = PilotOptions()
     with clock.phase("compile"):
         sampler = CompiledNuts(tempered, arguments, settings, 1, model.data_as_arguments)
     (samples,) = timed_nuts(sampler, clock, [sampler.example], [spec.seeds.pilot])
+    check_moved(samples, sites, f"the pilot (shards {shards[0]}..{shards[-1]})")
 
     u = global_vector(samples.unconstrained, sites)
     flat = u.reshape(-1, u.shape[-1])
@@ -92,7 +94,7 @@ def run(spec: FitSpec, layout: FitLayout, options: PilotOptions = PilotOptions()
         **sampling_diagnostics(samples, global_sites, settings),
     }
     diagnostics["seconds"] = clock.rounded()
-    diagnostics_bytes = json.dumps(diagnostics, indent=1).encode()
+    diagnostics_bytes = strict_json(diagnostics, indent=1).encode()
     store.write_bytes(folder.draws, draws_bytes)
     store.write_bytes(folder.diagnostics, diagnostics_bytes)
     state = state_document(fingerprint, 0, sites, components, start, None, 0.0, None, False, False, False, {})

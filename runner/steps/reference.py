@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, replace
 
 from ..combine.summaries import group_summary
+from ..contract import strict_json
 from ..inference.diagnostics import parameter_diagnostics
 from ..inference.nuts import SamplerSettings, run_nuts
 from ..inference.tempering import resolve_global_sites
@@ -43,7 +44,7 @@ def run(spec: FitSpec, layout: FitLayout, options: ReferenceOptions = ReferenceO
     # group-level sites by group label, as combined/summary.json names them
     local = {name: v for name, v in samples.constrained.items() if name in global_sites.local_shapes}
     summary.update(group_summary(local, [str(label) for label in data.group_labels], 0))
-    encoded = json.dumps(summary, indent=1, ensure_ascii=False).encode()
+    encoded = strict_json(summary, indent=1, ensure_ascii=False).encode()
     store.write_bytes(folder.summary, encoded)
     mark_complete(store, folder.marker, fingerprint, {SUMMARY: len(encoded)})
     return summary

@@ -27,12 +27,13 @@ import numpy as np
 
 from ..combine import ep
 from ..combine.rounds import RoundState, arrays_bytes, global_vector, moments_document, read_arrays
+from ..contract import strict_json
 from ..data.buckets import Bucket, fit_bucket
 from ..data.read import model_rows
 from ..data.shard import ShardData
 from ..errors import BadInput
 from ..inference.cores import cpu_lanes
-from ..inference.diagnostics import ess_bulk, parameter_diagnostics
+from ..inference.diagnostics import ess_bulk, parameter_diagnostics, unmoved_chains
 from ..inference.nuts import Adaptation, CompiledNuts, SamplerSettings, Samples, tree_depth
 from ..inference.tempering import GlobalSites, resolve_global_sites, temper, with_cavity
 from ..layout import ADAPTATION, DIAGNOSTICS, DRAWS, MOMENTS, FitLayout, ShardFolder, TiltedFolder
@@ -181,6 +182,21 @@ def _prepare(
     return PreparedShard(loaded, global_sites, arguments, seed, loaded.seconds + time.perf_counter() - started)
 
 
+def check_moved(samples: Samples, sites: list[str], where: str) -> None:
+    """Refuse draws whose chains never moved (`unmoved_chains`): a posterior of zero spread would
+    pass every later check and break the combination. Not a transient failure: a retry draws the
+    same seeded transitions."""
+    if found := unmoved_chains(samples.unconstrained, sites):
+        site, chains = found
+        diverged, transitions = int(samples.diverging.sum()), samples.diverging.size
+        raise BadInput(
+            f"{where}: NUTS never moved chain{'s' if len(chains) > 1 else ''} {', '.join(map(str, chains))} "
+            f"of {samples.diverging.shape[0]} in site {site} ({diverged} of {transitions} transitions divergent): "
+            "its log density or gradient is not finite where the chains start; check the model, its priors "
+            "and this shard's data"
+        )
+
+
 def sampling_diagnostics(samples: Samples, global_sites: GlobalSites, settings: SamplerSettings) -> dict:
     """What NUTS saw: the global parameters' convergence, divergences, trees and step sizes."""
     depth = tree_depth(samples.num_steps)
@@ -214,7 +230,7 @@ def _write(
     files = {}
     if tilting:
         folder = loaded.folder
-        files[MOMENTS] = write_output(store, folder.moments, json.dumps(tilted_moments(samples, tilting)).encode())
+        files[MOMENTS] = write_output(store, folder.moments, strict_json(tilted_moments(samples, tilting)).encode())
         files[ADAPTATION] = write_output(store, folder.adaptation, arrays_bytes(asdict(samples.adaptation)))
     samples = trimmed(samples, global_sites.local_shapes)
     fingerprint = spec.fingerprint()
@@ -244,7 +260,7 @@ def _write(
     # Write time covers serialising and storing the draws, the bulk of the output.
     diagnostics["seconds"]["write"] = time.perf_counter() - started
     diagnostics["seconds"] = {k: round(v, 3) for k, v in diagnostics["seconds"].items()}
-    diagnostics_bytes = json.dumps(diagnostics, indent=1).encode()
+    diagnostics_bytes = strict_json(diagnostics, indent=1).encode()
     store.write_bytes(folder.diagnostics, diagnostics_bytes)
     mark_complete(
         store, folder.marker, fingerprint, {**files, DRAWS: len(draws_bytes), DIAGNOSTICS: len(diagnostics_bytes)}
@@ -371,6 +387,8 @@ def _sample_padded(
 
     def sample(batch: list[PreparedShard], clock: Stopwatch) -> list[Future]:
         results = _run(sampler, batch, tilting, clock)
+        for p, samples in zip(batch, results):
+            check_moved(samples, p.global_sites.latent, f"shard {p.loaded.shard}")
         return [
             io.submit(_write, spec, store, p, samples, settings, bucket, tilting, clock)
             for p, samples in zip(batch, results)
@@ -403,6 +421,7 @@ def _sample_one_by_one(
         with clock.phase("compile"):
             sampler = _sampler(spec, model, settings, prepared, 1, None, tilting)
         samples = _run(sampler, [prepared], tilting, clock)[0]
+        check_moved(samples, prepared.global_sites.latent, f"shard {prepared.loaded.shard}")
         written.append(io.submit(_write, spec, store, prepared, samples, settings, None, tilting, clock))
     return written
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+from ..contract import strict_json
 from ..errors import BadInput
 from .storage import NotFound, Store
 
@@ -54,5 +55,5 @@ def mark_complete(store: Store, marker: str, fingerprint: str, files: dict[str, 
     """Write the marker naming the step's files (relative to its folder) and their sizes: the
     step is complete."""
     document = {"fingerprint": fingerprint, "files": files, **extra, "finished": now()}
-    store.write_bytes(marker, json.dumps(document, indent=1, ensure_ascii=False).encode())
+    store.write_bytes(marker, strict_json(document, indent=1, ensure_ascii=False).encode())
     return document

@@ -170,3 +170,11 @@ def test_refuses_what_cannot_be_combined():
         combine.combine("consensus", [np.zeros((1, 5, 2)), np.zeros((1, 5, 3))], np.random.default_rng())
     with pytest.raises(ValueError, match="unknown combine method"):
         combine.combine("median", [np.random.default_rng().normal(size=(1, 5, 2))], np.random.default_rng())
+
+
+def test_a_shard_of_constant_draws_is_named_by_the_product():
+    rng = np.random.default_rng(0)
+    shards = [rng.normal(size=(2, 50, 2)) for _ in range(3)]
+    shards[1][..., 0] = 0.5
+    with pytest.raises(ValueError, match=r"shard 1's global draws have no positive definite covariance \(a component does not vary"):
+        combine.gaussian_product(shards)

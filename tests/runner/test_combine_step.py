@@ -429,3 +429,23 @@ def test_finish_names_the_shards_not_re_sampled_and_all_re_samples_only_those(st
     assert (root / "combined" / "groups" / "0" / "draws.parquet").stat().st_mtime_ns == kept
     for name in OUTPUTS:
         assert (root / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_worst_over_shards_ignores_non_numbers_in_any_order_and_messages_are_strict_json():
+    """A NaN R-hat (a component constant by construction) first or last gives the same worst case;
+    the message written has null where a number is missing, never a bare NaN."""
+    import itertools
+    import math
+
+    from consensusfit.runner.steps.messages import encode, pod_message
+
+    shards = [{"ok": True, "shard": k, "rhatMax": r, "essBulkMin": e, "divergences": 0, "seconds": 1.0}
+              for k, (r, e) in enumerate([(1.01, 400.0), (math.nan, math.nan), (1.03, 350.0)])]
+    for order in itertools.permutations(shards):
+        message = pod_message(list(order))
+        assert (message["rhatMax"], message["essBulkMin"]) == (1.03, 350.0)
+    written = encode({**shards[1], "parameters": {"L[0,0]": {"rhat": math.inf}}})
+    assert "NaN" not in written and "Infinity" not in written
+    assert json.loads(written)["rhatMax"] is None
+    only_nan = pod_message([shards[1], shards[1]])
+    assert only_nan["rhatMax"] is None and json.loads(encode(only_nan))["essBulkMin"] is None

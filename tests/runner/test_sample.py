@@ -197,3 +197,64 @@ def test_a_storage_outage_exits_1_so_the_pod_is_retried(tmp_path, s3_bucket, fau
     assert run("sample", "--spec", spec, "--shard", "0", "--data", f"{s3_bucket}/data/",
                "--out", f"{s3_bucket}/out") == 1
     assert "still failing after 3 attempts" in capsys.readouterr().err
+
+
+def strict(text: str):
+    """json.loads that refuses NaN and Infinity, as the API server's parser does."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+STUCK = '''
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+
+
+def model(g, x, z=None):
+    """A finite log density whose gradient is NaN everywhere: no NUTS transition can move."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    numpyro.factor("stuck", jnp.sqrt(mu - mu))
+    with numpyro.plate("rows", x.shape[0]):
+        numpyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+'''
+
+
+def test_a_shard_whose_chains_never_move_fails_naming_the_shard_and_site(tmp_path, capsys):
+    """All transitions divergent, every draw the same: exit 3 (a retry draws the same), a strict
+    JSON reason naming the shard and the site, and no marker."""
+    spec_path = write_fit(tmp_path, shards=2, warmup=20, samples=20)
+    (tmp_path / "model.py").write_text(STUCK)
+    write_data(tmp_path / "shard.parquet")
+    termination = tmp_path / "termination-log"
+    termination.touch()
+    code = run("sample", "--spec", spec_path, "--shard", "1", "--data", str(tmp_path / "shard.parquet"),
+               "--out", str(tmp_path / "out"), termination=termination)
+    assert code == 3
+    message = strict(termination.read_text())
+    assert message["reason"] == "BadInput"
+    assert message["message"].startswith("shard 1: NUTS never moved chains 0, 1 of 2 in site mu (40 of 40")
+    assert not (tmp_path / "out" / "shards" / "1" / "_SUCCESS.json").exists()
+
+
+def test_a_correlated_model_reports_strict_json_whatever_its_constant_components(tmp_path):
+    """A correlated random effect's Cholesky factor has entries fixed at 0 and 1 (R-hat not a
+    number): the shard succeeds, its message and diagnostics are strict JSON, its worst R-hat a
+    number."""
+    spec_path = write_fit(tmp_path, shards=2, warmup=100, samples=100)
+    fit = yaml.safe_load(open(spec_path))
+    fit["spec"]["model"] = {"formula": "x ~ 1 + z + (1 + z | g)", "family": "gaussian"}
+    open(spec_path, "w").write(yaml.safe_dump(fit))
+    write_data(tmp_path / "data" / "part-0.parquet", rows=30)
+    out = str(tmp_path / "out")
+    assert run("partition", "--spec", spec_path, "--out", out) == 0  # a formula needs the data's statistics
+    termination = tmp_path / "termination-log"
+    termination.touch()
+    assert run("sample", "--spec", spec_path, "--shard", "0", "--out", out, termination=termination) == 0
+    message = strict(termination.read_text())
+    diagnostics = strict((tmp_path / "out" / "shards" / "0" / "diagnostics.json").read_text())
+    constant = [name for name, p in diagnostics["parameters"].items() if p["rhat"] is None]
+    assert constant and all("cholesky" in name for name in constant)
+    finite = [p["rhat"] for p in diagnostics["parameters"].values() if p["rhat"] is not None]
+    assert message["ok"] and message["rhatMax"] == max(finite)
