@@ -21,12 +21,11 @@ from kubernetes.client.exceptions import ApiException
 from .children import GROUP, KIND, VERSION
 from .conditions import timestamp
 from .labels import STEP
-from .observe import JobView
+from .observe import FAILED_CREATE, JobView
 from .planner import Event, Plan, Refusal
 
 PLURAL = "consensusfits"
 COMPONENT = "consensusfit-operator"  # the source of the Events it posts
-FAILED_CREATE = "FailedCreate"  # the Job controller's event reason when it cannot create a pod
 _EVENT_MESSAGE_LIMIT = 1024  # the API server's limit on an Event's message
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,8 @@ COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 DISRUPTION_TARGET = "DisruptionTarget"
 # The scheduler's reason on PodScheduled=False when no node fits the pod (not SchedulingGated: a queue's).
 UNSCHEDULABLE = "Unschedulable"
+# The Job controller's event reason when it cannot create a pod (only its events say why).
+FAILED_CREATE = "FailedCreate"
 
 
 def parse_time(value: str | None) -> datetime | None:

@@ -39,7 +39,7 @@ from typing import Any
 from . import children, labels
 from .conditions import find, is_true, set_condition, timestamp
 from .config import FORBIDDEN_VOLUMES, Config
-from .observe import UNSCHEDULABLE, JobView, PodView, parse_time
+from .observe import FAILED_CREATE, UNSCHEDULABLE, JobView, PodView, parse_time
 
 RUNNING_PHASES = ("Pending", "Partitioning", "Sampling", "Combining")
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -582,7 +582,7 @@ def blocks(
              for job in obstacles.foreign if job.name == wanted]
     found += [Block("JobForbidden", f"creating Job {children.job_name(fit['metadata']['name'], step)}: {refusal.message}")
               for step, refusal in obstacles.refused.items() if refusal.code not in INVALID_JOB_CODES]
-    found += [Block("FailedCreate", f"Job {job} cannot create its pods: {message}")
+    found += [Block(FAILED_CREATE, f"Job {job} cannot create its pods: {message}")
               for job, message in sorted(obstacles.failed_creates.items())]
     running = {job.step for job in jobs.values() if job.outcome is None}
     for pod in sorted(pods, key=lambda p: p.name):
