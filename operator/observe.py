@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from consensusfit.runner.contract import RUNNER_CONTAINER
+from consensusfit.runner.contract import RUNNER_CONTAINER, finite
 
 from . import labels
 
@@ -58,7 +58,7 @@ def parse_report(message: str | None) -> dict | None:
     except ValueError:
         report = None
     if isinstance(report, dict) and "ok" in report:
-        return report
+        return finite(report)  # an older runner's NaN would make every status patch invalid JSON
     return {"ok": False, "reason": "Error", "message": message.strip().splitlines()[-1][:400]}
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -243,12 +244,20 @@ def diagnostics(pods: Sequence[PodView]) -> dict[str, Any] | None:
     if not reports:
         return None
     values = list(reports.values())
-    return {
-        "rhatMax": max(r["rhatMax"] for r in values),
-        "essBulkMin": min(r["essBulkMin"] for r in values),
-        "divergences": sum(int(r["divergences"]) for r in values),
-        "slowestShardSeconds": max(r["seconds"] for r in values),
+    summary = {
+        "rhatMax": _extreme(max, (r["rhatMax"] for r in values)),
+        "essBulkMin": _extreme(min, (r["essBulkMin"] for r in values)),
+        "divergences": sum(int(r["divergences"] or 0) for r in values),
+        "slowestShardSeconds": _extreme(max, (r["seconds"] for r in values)),
     }
+    return {key: value for key, value in summary.items() if value is not None}
+
+
+def _extreme(pick, values) -> float | None:
+    """max or min over the numbers among `values`: a shard's null (no number: its parameters are
+    constant by construction) is left out, so the result does not depend on the shards' order."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return pick(numbers) if numbers else None
 
 
 def _describe_pod(pod: PodView) -> str:

@@ -104,6 +104,26 @@ def test_sampling_reports_counts_and_worst_case_diagnostics():
         "rhatMax": 1.010, "essBulkMin": 500, "divergences": 3, "slowestShardSeconds": 70}
 
 
+@pytest.mark.parametrize("first_done", [0, 1])
+def test_worst_case_diagnostics_leave_out_nulls_whatever_the_order_of_finishing(first_done):
+    """A shard whose R-hat is not a number (null, or NaN from an older runner's message, which
+    parse_report turns into null) does not hide the other's, and the status is strict JSON."""
+    from consensusfit.operator.observe import parse_report
+
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=1, succeeded=2)}
+    nan_report = parse_report('{"ok": true, "shard": 0, "rhatMax": NaN, "essBulkMin": NaN, '
+                              '"divergences": 0, "seconds": 30}')
+    assert nan_report["rhatMax"] is None
+    reports = [nan_report, shard_report(1, rhat=1.02, ess=450, seconds=50)]
+    pods = [pod("sample", k, report=reports[k], seconds=10 if k == first_done else 20) for k in (0, 1)]
+    pods.append(pod("sample", 2, phase="Running"))
+    result = plan(fit, jobs, pods, NOW, CONFIG)
+    assert result.state["diagnostics"] == {
+        "rhatMax": 1.02, "essBulkMin": 450, "divergences": 0, "slowestShardSeconds": 50}
+    json.dumps(result.state, allow_nan=False)
+
+
 def test_shards_done_creates_the_globals_job_and_starts_combining():
     fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
     jobs = {"partition": job("partition", "Complete"), "sample": job("sample", "Complete", succeeded=3)}
