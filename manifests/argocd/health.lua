@@ -65,5 +65,11 @@ elseif obj.spec ~= nil and obj.spec.suspend == true then
   hs.message = "Suspended in " .. phase .. shard_progress(status)
 else
   hs.message = phase .. shard_progress(status)
+  -- Blocked pods (an image pull error, a missing Secret): still Progressing, as a Deployment is
+  -- until its deadline; the operator fails the fit after its grace period.
+  local blocked = find_condition(status, "Blocked")
+  if blocked ~= nil and blocked.status == "True" then
+    hs.message = hs.message .. " (blocked: " .. (blocked.reason or "Blocked") .. ": " .. (blocked.message or "") .. ")"
+  end
 end
 return hs
