@@ -89,15 +89,16 @@ def parameter_diagnostics(samples, names: list[str]) -> dict[str, dict]:
     return {component: summarize(values) for component, values in components.items()}
 
 
-def unmoved_chains(unconstrained: dict[str, np.ndarray], names: list[str]) -> tuple[str, list[int]] | None:
-    """(site, chains) of the first named site with non-finite draws or with chains that never
-    moved: every draw the same, in the space NUTS moves in (shaped (chains, draws, ...)).
+def unmoved_chains(unconstrained: dict[str, np.ndarray], names: list[str]) -> dict[str, list[int]]:
+    """Per named site, the chains that never moved: every draw one value, or not finite, in the
+    space NUTS moves in (draws shaped (chains, draws, ...)); sites whose chains all moved are left out.
 
     A NUTS transition that is accepted moves every unconstrained component, so a chain whose draws
     of a site are all one value never left its start: every transition diverged or was refused.
     Constrained sites may be constant by construction (a Cholesky factor's fixed entries), so the
-    test is on the unconstrained ones. None when every chain moved.
+    test is on the unconstrained ones.
     """
+    unmoved = {}
     for name in names:
         draws = np.asarray(unconstrained[name], dtype=float)
         flat = draws.reshape(draws.shape[0], draws.shape[1], -1)
@@ -105,5 +106,5 @@ def unmoved_chains(unconstrained: dict[str, np.ndarray], names: list[str]) -> tu
             continue
         bad = ~np.isfinite(flat).all(axis=(1, 2)) | (np.ptp(flat, axis=1).max(axis=-1) == 0)
         if bad.any():
-            return name, [int(c) for c in np.flatnonzero(bad)]
-    return None
+            unmoved[name] = [int(c) for c in np.flatnonzero(bad)]
+    return unmoved

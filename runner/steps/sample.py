@@ -183,18 +183,20 @@ def _prepare(
 
 
 def check_moved(samples: Samples, sites: list[str], where: str) -> None:
-    """Refuse draws whose chains never moved (`unmoved_chains`): a posterior of zero spread would
-    pass every later check and break the combination. Not a transient failure: a retry draws the
-    same seeded transitions."""
-    if found := unmoved_chains(samples.unconstrained, sites):
-        site, chains = found
-        diverged, transitions = int(samples.diverging.sum()), samples.diverging.size
-        raise BadInput(
-            f"{where}: NUTS never moved chain{'s' if len(chains) > 1 else ''} {', '.join(map(str, chains))} "
-            f"of {samples.diverging.shape[0]} in site {site} ({diverged} of {transitions} transitions divergent): "
-            "its log density or gradient is not finite where the chains start; check the model, its priors "
-            "and this shard's data"
-        )
+    """Refuse draws in which no chain moved (`unmoved_chains`): a posterior of zero spread would pass
+    every later check and break the combination. Not a transient failure: a retry draws the same
+    seeded transitions. Some chains unmoved is a warning (diagnostics `unmoved_chains`; their
+    R-hat shows it)."""
+    chains = samples.diverging.shape[0]
+    for site, unmoved in unmoved_chains(samples.unconstrained, sites).items():
+        if len(unmoved) == chains:
+            diverged, transitions = int(samples.diverging.sum()), samples.diverging.size
+            raise BadInput(
+                f"{where}: NUTS never moved any of the {chains} chain(s) in site {site} ({diverged} of "
+                f"{transitions} transitions divergent): its log density or gradient is not finite where the "
+                "chains start, or the step size found in warmup is far too large; check the model, its "
+                "priors and this shard's data, or give spec.sampler more warmup"
+            )
 
 
 def sampling_diagnostics(samples: Samples, global_sites: GlobalSites, settings: SamplerSettings) -> dict:
@@ -207,6 +209,7 @@ def sampling_diagnostics(samples: Samples, global_sites: GlobalSites, settings: 
         "max_tree_depth_hits": int((depth >= settings.max_tree_depth).sum()),
         "gradient_evaluations": int(samples.num_steps.sum()),
         "step_size": [float(s) for s in samples.step_size],
+        "unmoved_chains": unmoved_chains(samples.unconstrained, global_sites.latent),  # see check_moved
         "programs": samples.programs,
     }
 

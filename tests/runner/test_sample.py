@@ -234,7 +234,7 @@ def test_a_shard_whose_chains_never_move_fails_naming_the_shard_and_site(tmp_pat
     assert code == 3
     message = strict(termination.read_text())
     assert message["reason"] == "BadInput"
-    assert message["message"].startswith("shard 1: NUTS never moved chains 0, 1 of 2 in site mu (40 of 40")
+    assert message["message"].startswith("shard 1: NUTS never moved any of the 2 chain(s) in site mu (40 of 40")
     assert not (tmp_path / "out" / "shards" / "1" / "_SUCCESS.json").exists()
 
 

@@ -136,10 +136,11 @@ def test_shards_sampled_together_equal_shards_sampled_alone(tmp_path, three_shar
 
     A few transitions only: the batched program rounds differently from the single one, and NUTS
     amplifies a last-bit difference into another (equally valid) chain within ~30 transitions.
+    Enough of them warm up for the chains to move (a shard whose chains never move fails).
     Mixing up shards' data or seeds would differ from the first draw.
     """
     _, stats, sizes, data = three_shards
-    spec = parse({**FIT, "spec": {**FIT["spec"], "sampler": {"warmup": 8, "samples": 8, "chains": 2, "seed": 5}}})
+    spec = parse({**FIT, "spec": {**FIT["spec"], "sampler": {"warmup": 16, "samples": 4, "chains": 2, "seed": 5}}})
     uri = lambda k: data.replace("{shard}", str(k))  # noqa: E731
     together, alone = str(tmp_path / "together"), str(tmp_path / "alone")
     summary = sample_shards(spec, [0, 1, 2], uri, stats, together, sizes, vectorize=3)
