@@ -24,6 +24,7 @@ import yaml
 
 from .contract import deep_merge
 from .errors import BadInput
+from .store.storage import NotFound, split_uri
 
 REPOSITORY = Path(__file__).resolve().parents[1]  # the source checkout: the examples and the CRD
 CRD = REPOSITORY / "manifests" / "crd.yaml"  # the CRD's one source (scripts/render.sh copies it)
@@ -378,8 +379,6 @@ def loads(text: str) -> FitSpec:
 def load(argument: str) -> tuple[FitSpec, str]:
     """A spec from literal JSON, a local file or an object-store URI, and the folder it came from
     (against which relative paths in the spec are resolved)."""
-    from .store.storage import NotFound, split_uri
-
     if argument.lstrip().startswith("{"):
         return loads(argument), "."
     if "://" in argument:

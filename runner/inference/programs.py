@@ -24,23 +24,22 @@ import struct
 import tempfile
 from pathlib import Path
 
+import jax
+import jaxlib
+import numpyro
+from jax import export
+
 PROGRAMS = "programs"
 RUNNER = Path(__file__).resolve().parents[1]  # the runner package, subpackages included
 
 
 def _program_folder() -> Path | None:
-    import jax
-
     folder = jax.config.jax_compilation_cache_dir
     return Path(folder) / PROGRAMS if folder else None
 
 
 def program_key(*parts: str) -> str:
     """A key for programs that depend on `parts` and on this runner, JAX and NumPyro."""
-    import jax
-    import jaxlib
-    import numpyro
-
     digest = hashlib.sha256()
     for source in sorted(RUNNER.rglob("*.py")):
         digest.update(source.relative_to(RUNNER).as_posix().encode() + b"\0" + source.read_bytes())
@@ -67,8 +66,6 @@ def store_programs(key: str, programs: list) -> None:
 
 def load_programs(key: str) -> list | None:
     """The exported programs stored under `key`, or None (no cache, no entry, unreadable)."""
-    from jax import export
-
     folder = _program_folder()
     path = folder / key if folder else None
     if path is None or not path.is_file():

@@ -28,7 +28,7 @@ def posterior_figure(
     title: str = "",
 ) -> bytes:
     """A PNG: one panel per parameter, shards thin, combined thick, reference mean ± sd dashed."""
-    import matplotlib
+    import matplotlib  # here: only the report plots, and the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -66,7 +66,7 @@ def posterior_figure(
 def convergence_figure(history: dict[str, list[tuple[float, float]]], reference: dict | None = None) -> bytes:
     """A PNG: per global parameter, q's mean ± SD after the pilot (round 0) and every EP round,
     with the reference mean ± SD (dashed) when one was run."""
-    import matplotlib
+    import matplotlib  # here: only the report plots, and the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

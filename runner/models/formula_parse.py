@@ -59,7 +59,7 @@ def _bad(formula: str, reason: str) -> BadInput:
 
 
 def _describe(text: str, formula: str, part: str):
-    import formulae
+    import formulae  # here: it imports pandas and more, which Python models never need
 
     try:
         return formulae.model_description(text)

@@ -63,7 +63,7 @@ def list_inputs(uri: str) -> list[InputFile]:
 
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None, attempts: int):
-    from pyarrow import fs
+    from pyarrow import fs  # here: pyarrow's filesystems (and their S3 SDK) load only when read
 
     options: dict = {"retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if endpoint:
@@ -77,7 +77,7 @@ def _s3_filesystem(endpoint: str | None, region: str | None, attempts: int):
 
 def arrow_filesystem(uri: str):
     """(pyarrow filesystem, path) for a local path, `file://` or `s3://` URI."""
-    from pyarrow import fs
+    from pyarrow import fs  # here: see _s3_filesystem
 
     if uri.startswith("s3://"):
         environment = os.environ

@@ -164,6 +164,8 @@ class LocalStore(Store):
 
 
 def _s3_client():
+    # boto3 and botocore here, not at the top: they take about a second to import, and a local
+    # run (or the CLI's --help) never needs them
     import boto3
     from botocore.config import Config
 
