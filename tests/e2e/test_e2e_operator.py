@@ -292,6 +292,43 @@ def test_bad_input_fails_the_shard_at_once_with_the_reason(cluster, operator, ex
     executor.fits.discard(name)
 
 
+STUCK_MODEL = b'''
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+
+
+def model(g, y=None):
+    """A finite log density whose gradient is NaN everywhere: no NUTS transition can move."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    numpyro.factor("stuck", jnp.sqrt(mu - mu))
+    with numpyro.plate("rows", len(g)):
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+'''
+
+
+def test_a_shard_whose_chains_never_move_fails_the_fit_naming_shard_and_site(cluster, operator, executor, bucket):
+    """Every transition divergent, every draw the same: the shard's runner exits 3 (a retry would
+    draw the same), its strict-JSON reason reaches the status through the real API server, and no
+    combination is attempted."""
+    api, name = Api(cluster), "stuck-chains"
+    bucket_name = bucket.removeprefix("s3://").split("/")[0]
+    boto3.client("s3").put_object(Bucket=bucket_name, Key="models/stuck_model.py", Body=STUCK_MODEL)
+    executor.fits.add(name)
+    apply(cluster, render_fit(name, bucket, model={"python": {"uri": f"{bucket}/models/stuck_model.py",
+                                                                "function": "model"}}))
+    fit = wait_phase(api, name, ("Succeeded", "Failed"), 600, operator)
+    status = fit["status"]
+    assert status["phase"] == "Failed", json.dumps(status, indent=1)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "BadInput" in failed["message"] and "NUTS never moved any of the 1 chain(s) in site mu" in failed["message"]
+    runs = [r for r in executor.runs if r["fit"] == name and r["step"] == "sample"]
+    assert runs and all(r["exit"] == 3 for r in runs), runs
+    assert not [r for r in executor.runs if r["fit"] == name and r["step"] in ("globals", "combine")]
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+    executor.fits.discard(name)
+
+
 INVALID = {
     "both model kinds": ({"model": {"formula": "y ~ 1", "python": {"uri": "s3://b/m.py", "function": "model"}}},
                          "spec.model needs exactly one of formula or python"),
