@@ -79,7 +79,9 @@ def spec_for(name: str, data: dict, shards: int, method: str, sampler: dict, gro
     if not path.exists():
         pq.write_table(data["table"](), path)
     return parse({
-        "metadata": {"name": f"{name}-k{shards}-{method}-{groups}" + "".join(f"-{k}{v}" for k, v in sorted((combine or {}).items())).lower()},
+        # a DNS-1123 label, as the runner requires of a fit's name: "damping1.0" -> "damping1-0"
+        "metadata": {"name": (f"{name}-k{shards}-{method}-{groups}" + "".join(
+            f"-{k}{v}" for k, v in sorted((combine or {}).items()))).lower().replace(".", "-")},
         "spec": {
             "data": {"uri": str(path), "groupColumn": data["group"]},
             "shards": shards,
