@@ -374,6 +374,33 @@ def test_the_chart_lets_the_operator_own_its_jobs(installation):
         "to a resource you can't set finalizers on)")
 
 
+def test_users_with_the_built_in_edit_and_view_roles_can_use_fits(cluster, installation):
+    """The chart's ClusterRoles aggregate into edit and view (the controller manager's
+    clusterrole-aggregation controller fills them in): a user bound to edit may create and delete
+    fits, one bound to view may only read them, and neither may write a fit's status."""
+    resource = f"{PLURAL}.{GROUP}"
+    bindings = {"alice": "edit", "bob": "view"}
+    for user, role in bindings.items():
+        cluster.kubectl("create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}", f"--user={user}",
+                        "-n", NAMESPACE)
+
+    def can(user: str, verb: str, subresource: str = "") -> bool:
+        args = ["auth", "can-i", verb, resource, "-n", NAMESPACE, f"--as={user}"]
+        if subresource:
+            args.append(f"--subresource={subresource}")
+        return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
+
+    try:
+        wait_for(lambda: can("alice", "create") and can("bob", "list"), 120,
+                 "the built-in edit and view roles to aggregate the chart's")
+        assert can("alice", "delete") and can("alice", "get", "status")
+        assert not can("alice", "patch", "status")
+        assert can("bob", "get") and not can("bob", "create") and not can("bob", "delete")
+    finally:
+        for user, role in bindings.items():
+            cluster.kubectl("delete", "rolebinding", f"{user}-{role}", "-n", NAMESPACE, check=False)
+
+
 def test_the_api_server_accepts_a_packed_sample_job_with_its_lanes_from_the_cpu_request(cluster, installation):
     """The Downward API field that tells a pod of several shards how many to sample at once
     (its CPU request, in whole cores) is one the API server accepts: server-side dry runs of a

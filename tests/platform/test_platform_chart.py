@@ -49,7 +49,7 @@ def test_helm_lint_strict(values):
 def test_defaults_render_a_restricted_operator_with_cluster_wide_rights():
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "ServiceAccount"]
+    assert kinds == ["ClusterRole"] * 3 + ["ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "ServiceAccount"]
     (deployment,) = find(objects, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
@@ -73,7 +73,7 @@ def test_defaults_render_a_restricted_operator_with_cluster_wide_rights():
     (service,) = find(objects, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
-    (role,) = find(objects, "ClusterRole")
+    (role,) = find(objects, "ClusterRole", "consensusfit")
     assert role["rules"] == [*NAMESPACED_RULES, CRDS_RULE]
     (binding,) = find(objects, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "consensusfit",
@@ -85,7 +85,7 @@ def test_defaults_render_a_restricted_operator_with_cluster_wide_rights():
 def test_watch_namespaces_render_roles_only_in_those_namespaces():
     objects = render(*WATCHING)
     assert Config.from_env(container_env(objects)).namespaces == ("team-a", "team-b")
-    (cluster_role,) = find(objects, "ClusterRole")
+    (cluster_role,) = find(objects, "ClusterRole", "consensusfit")
     assert cluster_role["rules"] == [CRDS_RULE, NAMESPACES_RULE]  # read-only discovery, no fits, Jobs or pods
     for namespace in ("team-a", "team-b"):
         (role,) = find(objects, "Role", namespace=namespace)
@@ -97,6 +97,22 @@ def test_watch_namespaces_render_roles_only_in_those_namespaces():
         assert runner_account["metadata"]["name"] == "consensusfit-runner"
     defaults = Config.from_env(container_env(objects)).runner_defaults
     assert defaults["serviceAccountName"] == "consensusfit-runner"
+
+
+def test_users_roles_are_aggregated_into_edit_and_view_unless_turned_off():
+    """admin/edit gain every verb on fits but no write of their status (the operator's); view gains
+    reading them."""
+    roles = {r["metadata"]["name"]: r for r in find(render(), "ClusterRole")}
+    edit, view = roles["consensusfit-edit"], roles["consensusfit-view"]
+    assert {k for k, v in edit["metadata"]["labels"].items() if k.startswith("rbac.") and v == "true"} == {
+        "rbac.authorization.k8s.io/aggregate-to-admin", "rbac.authorization.k8s.io/aggregate-to-edit"}
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert {"create", "delete", "patch"} <= set(edit["rules"][0]["verbs"])
+    assert edit["rules"][1] == {"apiGroups": ["consensusfit.dev"], "resources": ["consensusfits/status"],
+                                "verbs": ["get", "list", "watch"]}
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in view["rules"])
+    off = find(render("rbac.aggregateToDefaultRoles=false"), "ClusterRole")
+    assert [r["metadata"]["name"] for r in off] == ["consensusfit"]
 
 
 def test_monitoring_on_renders_service_monitor_rules_and_dashboard_from_their_files():
