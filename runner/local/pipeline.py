@@ -35,7 +35,7 @@ from ..inference import cores
 from ..inference.runtime import configure_jax, local_default
 from ..layout import FitLayout
 from ..spec import FitSpec, pod_shards
-from ..combine.rounds import constrained_history
+from ..combine.rounds import RoundState, constrained_history
 from ..combine.supports import bijections
 from ..steps import combine, partition, pilot, update
 from ..steps.inputs import shard_model
@@ -191,6 +191,7 @@ class FitResult:
     summary: dict  # combined/summary.json
     diagnostics: list[dict]  # shards/<k>/diagnostics.json (EP: the final round's), in shard order
     reference: dict | None  # parameter -> summary of the full-data fit
+    states: list[RoundState]  # EP: the state after every round, read once; one-shot: none
 
 def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | None = None) -> FitResult:
     """Partition, sample every shard, combine (globals, re-sampling, finish), and optionally fit
@@ -213,7 +214,8 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
     progress.phase("summarising")
     combine.run(spec, layout, combine.CombineOptions(FINISH_STAGE))
     store = layout.store
-    folder = combine.shard_folders(layout, update.round_states(spec, layout))
+    states = update.round_states(spec, layout)
+    folder = combine.shard_folders(layout, states)
     diagnostics = [json.loads(store.read_bytes(folder(k).diagnostics)) for k in range(spec.shards)]
     summary = json.loads(store.read_bytes(layout.combined.summary))
     full = None
@@ -221,7 +223,7 @@ def run_fit(spec: FitSpec, workers: int, reference: bool, progress: Progress | N
         progress.phase("reference: NUTS on the full data")
         full = full_data.run(spec, layout)
     progress.phase("done")
-    return FitResult(root, summary, diagnostics, full)
+    return FitResult(root, summary, diagnostics, full, states)
 
 
 def run_rounds(spec: FitSpec, layout: FitLayout, workers: int, progress: Progress) -> None:
@@ -241,12 +243,15 @@ def run_rounds(spec: FitSpec, layout: FitLayout, workers: int, progress: Progres
             return
 
 
-def convergence_plot(spec: FitSpec, layout: FitLayout, reference: dict | None) -> str | None:
-    """EP: draw every global parameter's mean ± SD per round (pilot first); its URI."""
-    if not spec.uses_rounds:
+def convergence_plot(
+    spec: FitSpec, layout: FitLayout, states: list[RoundState], reference: dict | None
+) -> str | None:
+    """EP (`states`: every round's): draw every global parameter's mean ± SD per round (pilot
+    first); its URI."""
+    if not states:
         return None
     store = layout.store
-    states = [update.finished_state(spec, layout, 0)] + update.round_states(spec, layout)
+    states = [update.finished_state(spec, layout, 0)] + states
     combined = from_parquet_bytes(store.read_bytes(layout.combined.draws))
     sites = {name: combined.sites[name] for name in combined.global_names()}
     model = shard_model(spec, layout, 0, None, None)
@@ -260,7 +265,7 @@ def present(result: FitResult, spec: FitSpec) -> dict:
     layout = FitLayout(result.root)
     store = layout.store
     names = list(result.diagnostics[0]["parameters"])
-    folder = combine.shard_folders(layout, update.round_states(spec, layout))
+    folder = combine.shard_folders(layout, result.states)
     shards = [
         scalar_components(from_parquet_bytes(store.read_bytes(folder(k).draws)).constrained)
         for k in range(len(result.diagnostics))
@@ -271,7 +276,7 @@ def present(result: FitResult, spec: FitSpec) -> dict:
         layout.report.posteriors,
         posterior_figure(shards, combined, names, result.reference, f"{len(shards)} shards ({kind})"),
     )
-    convergence = convergence_plot(spec, layout, result.reference)
+    convergence = convergence_plot(spec, layout, result.states, result.reference)
     print(fit_report(result.summary, result.diagnostics, result.reference))
     print(f"\nresults: {result.root}\nposteriors: {layout.uri(layout.report.posteriors)}")
     if convergence:

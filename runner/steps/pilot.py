@@ -40,6 +40,7 @@ from .inputs import whole_data_stats
 from .messages import pilot_message
 from .sample import check_moved, sampling_diagnostics, shard_draws
 from .timing import Stopwatch, timed_nuts
+from .update import require_rounds
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,7 @@ class PilotOptions:
 
 def run(spec: FitSpec, layout: FitLayout, options: PilotOptions = PilotOptions()) -> dict:
     """The pilot: NUTS on the pilot shards, its draws and EP's starting state; its message."""
-    if not spec.uses_rounds:
-        raise BadInput(
-            f"this fit has no EP rounds (spec.combine.method {spec.combine['method']!r}, {spec.shards} shard(s))"
-        )
+    require_rounds(spec)
     folder, store, fingerprint = layout.round(0), layout.store, spec.fingerprint()
     if completed(store, folder.marker, fingerprint):
         return pilot_message(json.loads(store.read_bytes(folder.diagnostics)))

@@ -271,7 +271,6 @@ def _write(
     return sample_message(diagnostics)
 
 
-
 def _same_global_sites(prepared: list[PreparedShard]) -> None:
     first = prepared[0]
     for other in prepared[1:]:

@@ -43,11 +43,16 @@ def finished_state(spec: FitSpec, layout: FitLayout, round_: int) -> RoundState 
     return read_state(layout.store, folder.state, fingerprint)
 
 
-def check_round(spec: FitSpec, round_: int) -> None:
+def require_rounds(spec: FitSpec) -> None:
+    """Refuse an EP step (pilot, round, update) of a fit that runs no rounds."""
     if not spec.uses_rounds:
         raise BadInput(
             f"this fit has no EP rounds (spec.combine.method {spec.combine['method']!r}, {spec.shards} shard(s))"
         )
+
+
+def check_round(spec: FitSpec, round_: int) -> None:
+    require_rounds(spec)
     if not 1 <= round_ <= spec.combine["maxRounds"]:
         raise BadInput(f"round {round_} is out of range: spec.combine.maxRounds is {spec.combine['maxRounds']}")
 
