@@ -99,21 +99,37 @@ class Installation:
         self.namespace, self.service_account, self.env, self.how = namespace, service_account, env, how
 
 
-def install(cluster: clusterlib.Cluster, values: list[str] = ()) -> Installation:
+def install(cluster: clusterlib.Cluster, values: list[str] = (), chart: Path = CHART) -> Installation:
     """Install the Helm chart with the real helm (CRD, RBAC, operator Deployment).
 
     The Deployment's pod never runs (no image here): the operator runs as a local process with the
     chart's ServiceAccount token instead, and the environment the chart gives its container.
     """
     cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE)
-    settings = [arg for value in values for arg in ("--set", value)]
-    cluster.helm("install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, *settings)
+    cluster.helm("install", RELEASE, str(chart), "--namespace", OPERATOR_NAMESPACE, *_settings(values))
+    return _installed(cluster, "helm chart")
+
+
+def upgrade(cluster: clusterlib.Cluster, values: list[str] = (), chart: Path = CHART) -> Installation:
+    """Upgrade the release as the README says: Helm never upgrades a chart's crds/, so the CRD first,
+    applied server-side (taking its fields over from Helm's create), then `helm upgrade`."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(chart / "crds"))
+    cluster.helm("upgrade", RELEASE, str(chart), "--namespace", OPERATOR_NAMESPACE, *_settings(values))
+    return _installed(cluster, "helm upgrade")
+
+
+def _settings(values: list[str]) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def _installed(cluster: clusterlib.Cluster, how: str) -> Installation:
+    """The operator's ServiceAccount and environment, as the installed Deployment sets them."""
     deployments = json.loads(cluster.kubectl(
         "get", "deployments", "-n", OPERATOR_NAMESPACE, "-o", "json").stdout)["items"]
     assert deployments, "the chart installed no Deployment"
     pod = deployments[0]["spec"]["template"]["spec"]
     env = {item["name"]: item["value"] for item in pod["containers"][0].get("env", []) if "value" in item}
-    return Installation(OPERATOR_NAMESPACE, pod.get("serviceAccountName") or "default", env, "helm chart")
+    return Installation(OPERATOR_NAMESPACE, pod.get("serviceAccountName") or "default", env, how)
 
 
 def can_i(cluster: clusterlib.Cluster, installation: Installation, verb: str, resource: str,
