@@ -10,6 +10,11 @@ pilot, then for r = 1, 2, ... `round-<r>` (Indexed, shaped as sample: `sample --
 `update-<r>` (`update --round r`), up to spec.combine.maxRounds; the planner stops after the update
 that says `final`. A round's step is its Job's suffix and label (`round-3`, `update-3`).
 
+Pod settings are per step (`runner_settings`): the operator's defaults, then their `steps.<step>`,
+then the fit's spec.runner, then its `spec.runner.steps.<step>`, so that only the steps that sample
+ask for a GPU and partition or combine may ask for more memory on a CPU node. The per-shard Jobs run
+at most spec.runner.parallelism pods at once and let Kueue admit fewer than that (partial admission).
+
 Names are deterministic (`<fit>-partition`, `<fit>-shards`, `<fit>-pilot`, `<fit>-round-<r>`,
 `<fit>-update-<r>`, `<fit>-globals`, `<fit>-resample`, `<fit>-combine`) so that creating a Job
 twice, after a restart or from a stale view, is a harmless conflict and never a duplicate. No
@@ -20,7 +25,7 @@ suffix is longer than `-partition` (`-update-99`: the CRD caps maxRounds at 99),
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from consensusfit.runner import contract
@@ -59,6 +64,11 @@ _COMMAND = {
 # index), and those that sample shards (they pack spec.runner.shardsPerPod shards into a pod).
 _PER_SHARD = tuple(kind for kind, (command, _) in _COMMAND.items() if command in contract.PER_SHARD_COMMANDS)
 _SAMPLING = (SAMPLE, ROUND)
+# The keys of spec.runner.steps (and of the operator's runner defaults' `steps`): every kind of step,
+# an EP round's sampling under `sample`, which it is shaped as.
+SETTINGS_STEPS = (PARTITION, PILOT, SAMPLE, UPDATE, GLOBALS, RESAMPLE, COMBINE)
+# The steps whose pods sample with NUTS: the ones that ask for a GPU by default.
+GPU_STEPS = (PILOT, SAMPLE, RESAMPLE)
 # The parts of the spec the runner reads; pod settings and suspension are not its business.
 _RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output")
 # The one writable folder of a runner pod (an emptyDir): its root filesystem is read-only, and the
@@ -66,6 +76,17 @@ _RUNNER_SPEC_FIELDS = ("data", "shards", "model", "sampler", "combine", "output"
 _SCRATCH_VOLUME, _SCRATCH = "scratch", "/tmp"
 # The volume `spec.runner.compilationCache` (shared by the per-shard pods), mounted at COMPILATION_CACHE_MOUNT.
 _CACHE_VOLUME = "compilation-cache"
+# The names of the operator's own volumes: spec.runner.volumes may not take them.
+RESERVED_VOLUMES = (_SCRATCH_VOLUME, _CACHE_VOLUME)
+# What spec.runner.podSecurityContext may set; runAsNonRoot and the seccomp profile stay the operator's
+# (the restricted Pod Security Standard). fsGroup lets a non-root runner write a root-owned volume.
+POD_SECURITY_FIELDS = ("fsGroup", "fsGroupChangePolicy", "supplementalGroups")
+# Pod spec fields copied from the step's settings as they are.
+_POD_FIELDS = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints", "priorityClassName",
+               "serviceAccountName", "imagePullSecrets", "runtimeClassName", "schedulerName")
+# Kueue's partial admission: the fewest pods of an Indexed Job it may admit at once (it lowers the
+# Job's parallelism, never its completions). Kueue requires a value below the Job's parallelism.
+KUEUE_MIN_PARALLELISM = "kueue.x-k8s.io/job-min-parallelism"
 
 
 def round_step(kind: str, number: int) -> str:
@@ -86,6 +107,12 @@ def is_per_shard(step: str) -> bool:
 def samples_shards(step: str) -> bool:
     """Whether the step samples the shards' posteriors: sample, or an EP round."""
     return parse_step(step)[0] in _SAMPLING
+
+
+def settings_step(step: str) -> str:
+    """The key of spec.runner.steps that sets a step's pods: its kind; `sample` for an EP round."""
+    kind = parse_step(step)[0]
+    return SAMPLE if kind == ROUND else kind
 
 
 def job_name(fit_name: str, step: str) -> str:
@@ -189,6 +216,7 @@ def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], ima
     if _compilation_cache(step, runner):
         env.append({"name": COMPILATION_CACHE, "value": COMPILATION_CACHE_MOUNT})
         mounts.append({"name": _CACHE_VOLUME, "mountPath": COMPILATION_CACHE_MOUNT})
+    mounts.extend(runner.get("volumeMounts", []))
     container = {
         "name": RUNNER_CONTAINER,
         "image": runner.get("image") or image,
@@ -210,9 +238,33 @@ def _container(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], ima
     return container
 
 
-def runner_settings(fit: Mapping[str, Any], runner_defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """The fit's pod settings: its spec.runner over the operator-wide defaults."""
-    return deep_merge(runner_defaults, fit["spec"].get("runner", {}))
+def runner_settings(fit: Mapping[str, Any], runner_defaults: Mapping[str, Any], step: str) -> dict[str, Any]:
+    """A step's pod settings, general to specific and the operator's before the fit's: the
+    operator-wide defaults, their `steps.<step>`, the fit's spec.runner, its spec.runner.steps.<step>
+    (deep_merge: mappings merge, lists and scalars are replaced)."""
+    settings: dict[str, Any] = {}
+    for layer in (runner_defaults, fit["spec"].get("runner", {})):
+        general = {key: value for key, value in layer.items() if key != "steps"}
+        settings = deep_merge(deep_merge(settings, general), layer.get("steps", {}).get(settings_step(step), {}))
+    return settings
+
+
+def volume_refusal(runner: Mapping[str, Any], allowed: Sequence[str]) -> str | None:
+    """Why a step's volumes (spec.runner.compilationCache and spec.runner.volumes) cannot be its
+    pod's: a name the operator's own volumes take, or a volume type not in `allowed`; None if they can."""
+    volumes = [(f"spec.runner.volumes[{v.get('name')}]", v) for v in runner.get("volumes", [])]
+    clash = sorted(name for _, v in volumes if (name := v.get("name")) in RESERVED_VOLUMES)
+    if clash:
+        return (f"spec.runner.volumes may not be named {', '.join(clash)}: the operator's own volumes are "
+                f"{', '.join(RESERVED_VOLUMES)}")
+    if runner.get("compilationCache"):
+        volumes.insert(0, ("spec.runner.compilationCache", runner["compilationCache"]))
+    for field, volume in volumes:
+        refused = sorted(kind for kind in volume if kind != "name" and kind not in allowed)
+        if refused:
+            return (f"{field} may not be a {', '.join(refused)} volume: only {', '.join(allowed)} "
+                    "(runner.policy.volumeTypes)")
+    return None
 
 
 def _pod_spec(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], image: str) -> dict:
@@ -223,14 +275,30 @@ def _pod_spec(fit: Mapping[str, Any], step: str, runner: Mapping[str, Any], imag
         "automountServiceAccountToken": bool(runner.get("automountServiceAccountToken", False)),
         "containers": [_container(fit, step, runner, image)],
         "volumes": [{"name": _SCRATCH_VOLUME, "emptyDir": {}}],
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {**_pod_security(runner), "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
     }
     if cache := _compilation_cache(step, runner):
         pod["volumes"].append({"name": _CACHE_VOLUME, **cache})
-    for key in ("nodeSelector", "tolerations", "priorityClassName", "serviceAccountName"):
+    pod["volumes"].extend(runner.get("volumes", []))
+    for key in _POD_FIELDS:
         if runner.get(key):
             pod[key] = runner[key]
     return pod
+
+
+def _pod_security(runner: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the pod's security context a fit may set (POD_SECURITY_FIELDS)."""
+    given = runner.get("podSecurityContext", {})
+    return {key: given[key] for key in POD_SECURITY_FIELDS if key in given}
+
+
+def _template_metadata(own: Mapping[str, str], runner: Mapping[str, Any]) -> dict[str, Any]:
+    """The pods' labels and annotations: the step's podLabels and podAnnotations (e.g. an Istio
+    opt-out, cost labels), never GitOps tracking keys, and the operator's own labels over them."""
+    metadata: dict[str, Any] = {"labels": {**labels.inheritable(runner.get("podLabels")), **own}}
+    if annotations := labels.inheritable(runner.get("podAnnotations")):
+        metadata["annotations"] = annotations
+    return metadata
 
 
 def _failure_policy(action: str) -> dict:
@@ -258,20 +326,29 @@ def job_manifest(
 ) -> dict[str, Any]:
     """The Job for one step of a fit. `runner_defaults` (operator-wide) fill what spec.runner omits."""
     metadata, spec = fit["metadata"], fit["spec"]
-    runner = runner_settings(fit, runner_defaults)
+    runner = runner_settings(fit, runner_defaults, step)
     own = labels.own(metadata["name"], step)
     job_labels = {
         **labels.inheritable(metadata.get("labels")),
         **labels.inheritable(runner.get("labels")),
         **own,
     }
+    job_metadata: dict[str, Any] = {
+        "name": job_name(metadata["name"], step),
+        "namespace": metadata["namespace"],
+        "labels": job_labels,
+        "ownerReferences": [owner_reference(fit)],
+    }
     retries = spec["maxRetriesPerShard"]
     if is_per_shard(step):
         count = pods(fit, step)
+        parallelism = min(count, runner.get("parallelism", count))
+        if parallelism > 1:
+            job_metadata["annotations"] = {KUEUE_MIN_PARALLELISM: "1"}  # any number of shards at once will do
         job_spec = {
             "completionMode": "Indexed",
             "completions": count,
-            "parallelism": count,  # all pods at once; a queue (e.g. Kueue) may admit fewer
+            "parallelism": parallelism,  # spec.runner.parallelism at most; Kueue may admit fewer
             "backoffLimitPerIndex": retries,
             # A fit needs every shard: one shard failed for good ends the Job and its other pods.
             "maxFailedIndexes": 0,
@@ -285,17 +362,7 @@ def job_manifest(
             "podFailurePolicy": _failure_policy("FailJob"),
         }
     job_spec["template"] = {
-        "metadata": {"labels": own},
+        "metadata": _template_metadata(own, runner),
         "spec": _pod_spec(fit, step, runner, default_image),
     }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(metadata["name"], step),
-            "namespace": metadata["namespace"],
-            "labels": job_labels,
-            "ownerReferences": [owner_reference(fit)],
-        },
-        "spec": job_spec,
-    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_metadata, "spec": job_spec}

@@ -8,10 +8,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
+from . import __version__, children
 
-# Volume types a compilation cache may never be, whatever the policy says: a hostPath mounts the node.
+# Volume types a runner pod's volume may never be, whatever the policy says: a hostPath mounts the node.
 FORBIDDEN_VOLUMES = ("hostPath",)
+
+# The runner defaults of an operator the Helm chart did not configure (run by hand, or `Config()`):
+# the steps that sample ask for one GPU and tolerate the GPU nodes' usual taint; the other steps ask
+# for nothing, so they run on any node. The chart's runner values replace these as a whole.
+_GPU = {"resources": {"limits": {"nvidia.com/gpu": 1}},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+BUILT_IN_RUNNER_DEFAULTS: Mapping[str, Any] = {"steps": {step: _GPU for step in children.GPU_STEPS}}
 
 
 @dataclass(frozen=True)
@@ -23,7 +30,8 @@ class Policy:
 
     images: tuple[str, ...] = ()  # further images (fnmatch patterns) spec.runner.image may name
     service_accounts: tuple[str, ...] = ()  # further ServiceAccounts spec.runner.serviceAccountName may name
-    cache_volumes: tuple[str, ...] = ("persistentVolumeClaim", "emptyDir", "csi")  # spec.runner.compilationCache
+    # spec.runner.compilationCache and spec.runner.volumes (FORBIDDEN_VOLUMES never)
+    volume_types: tuple[str, ...] = ("persistentVolumeClaim", "emptyDir", "csi", "configMap", "secret")
     python_models: bool = True  # spec.model.python: trusted code, run in every step beside the credentials
 
     @classmethod
@@ -33,9 +41,14 @@ class Policy:
         return cls(
             images=tuple(given.get("images", defaults.images)),
             service_accounts=tuple(given.get("serviceAccounts", defaults.service_accounts)),
-            cache_volumes=tuple(given.get("cacheVolumes", defaults.cache_volumes)),
+            volume_types=tuple(given.get("volumeTypes", defaults.volume_types)),
             python_models=bool(given.get("pythonModels", defaults.python_models)),
         )
+
+    @property
+    def allowed_volumes(self) -> tuple[str, ...]:
+        """The volume types the runner pods may have: the policy's, never a forbidden one."""
+        return tuple(kind for kind in self.volume_types if kind not in FORBIDDEN_VOLUMES)
 
 
 @dataclass(frozen=True)
@@ -44,8 +57,9 @@ class Config:
     resync_seconds: float = 5.0
     # The runner image for fits whose spec.runner.image is absent.
     runner_image: str = f"ghcr.io/consensusfit/consensusfit-runner:{__version__}"
-    # spec.runner defaults for every fit (e.g. S3 env, cpu/memory); a fit's own spec.runner wins.
-    runner_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # spec.runner defaults for every fit (e.g. S3 env, cpu/memory, per step under `steps`); a fit's
+    # own spec.runner wins (children.runner_settings).
+    runner_defaults: Mapping[str, Any] = field(default_factory=lambda: BUILT_IN_RUNNER_DEFAULTS)
     metrics_port: int = 8080
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
     # Namespaces to watch; empty: the whole cluster.
@@ -61,7 +75,8 @@ class Config:
         return cls(
             resync_seconds=float(env.get("CONSENSUSFIT_RESYNC_SECONDS", defaults.resync_seconds)),
             runner_image=env.get("CONSENSUSFIT_RUNNER_IMAGE", defaults.runner_image),
-            runner_defaults=json.loads(env.get("CONSENSUSFIT_RUNNER_DEFAULTS", "{}")),
+            runner_defaults=json.loads(env["CONSENSUSFIT_RUNNER_DEFAULTS"]) if "CONSENSUSFIT_RUNNER_DEFAULTS" in env
+            else defaults.runner_defaults,
             metrics_port=int(env.get("CONSENSUSFIT_METRICS_PORT", defaults.metrics_port)),
             liveness_endpoint=env.get("CONSENSUSFIT_LIVENESS_ENDPOINT", defaults.liveness_endpoint),
             namespaces=tuple(filter(None, env.get("CONSENSUSFIT_WATCH_NAMESPACES", "").split(","))),

@@ -39,7 +39,7 @@ from typing import Any
 
 from . import children, labels
 from .conditions import find, is_true, set_condition, timestamp
-from .config import FORBIDDEN_VOLUMES, Config
+from .config import Config
 from .observe import FAILED_CREATE, UNSCHEDULABLE, JobView, PodView, parse_time
 
 RUNNING_PHASES = ("Pending", "Partitioning", "Sampling", "Combining")
@@ -631,11 +631,11 @@ def _blocked(found: Sequence[Block], conditions: list[dict], now: datetime, grac
     return Blocking(conditions, events, Failure(first.reason, f"blocked for more than {grace:g} s: {message}"))
 
 
-def _admission(fit: Mapping[str, Any], config: Config) -> Failure | None:
-    """What the cluster admin's policy (config.Policy) forbids the fit's next Job: checked at every
-    create, since spec.runner may change mid-fit. The operator's own runner defaults always pass."""
+def _admission(fit: Mapping[str, Any], config: Config, step: str) -> Failure | None:
+    """What the cluster admin's policy (config.Policy) forbids the fit's next Job (of `step`): checked
+    at every create, since spec.runner may change mid-fit. The operator's own runner defaults always pass."""
     policy, spec = config.policy, fit["spec"]
-    runner = children.runner_settings(fit, config.runner_defaults)
+    runner = children.runner_settings(fit, config.runner_defaults, step)
     if "python" in spec["model"] and not policy.python_models:
         return Failure("PythonModelsDisabled", "Python model files are trusted code, and this operator runs "
                        "none (runner.policy.pythonModels is false): write the model as spec.model.formula")
@@ -647,11 +647,8 @@ def _admission(fit: Mapping[str, Any], config: Config) -> Failure | None:
     if account and account != config.runner_defaults.get("serviceAccountName") and account not in policy.service_accounts:
         return Failure("ServiceAccountNotAllowed", f"spec.runner.serviceAccountName {account} is not allowed: "
                        f"only {list(policy.service_accounts)} (runner.policy.serviceAccounts)")
-    allowed = [kind for kind in policy.cache_volumes if kind not in FORBIDDEN_VOLUMES]
-    refused = sorted(kind for kind in runner.get("compilationCache") or {} if kind not in allowed)
-    if refused:
-        return Failure("VolumeNotAllowed", f"spec.runner.compilationCache may not be a {', '.join(refused)} volume: "
-                       f"only {', '.join(allowed)} (runner.policy.cacheVolumes)")
+    if refusal := children.volume_refusal(runner, policy.allowed_volumes):
+        return Failure("VolumeNotAllowed", refusal)
     return None
 
 
@@ -751,7 +748,7 @@ def plan(
         found = blocks(fit, jobs, pods, obstacles, wanted)
         blocking = _blocked(found, progress.conditions, now, config.blocked_grace_seconds)
         events += blocking.events
-        failure = progress.failure or blocking.failure or (_admission(fit, config) if progress.create else None)
+        failure = progress.failure or blocking.failure or (_admission(fit, config, progress.at.name) if progress.create else None)
         progress = dataclasses.replace(progress, conditions=blocking.conditions, failure=failure,
                                        create=progress.create and not failure)
         if progress.create and not any(block.reason == NAME_TAKEN for block in found):

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 
-from cfit_support import make_fit, shard_report
+from cfit_support import ep_fit, make_fit, shard_report
 
-from consensusfit.operator import children, labels
+from consensusfit.operator import children, labels, planner
+from consensusfit.operator.config import Config, Policy
 from consensusfit.operator.observe import indexes, job_view, pod_view
 from consensusfit.runner.spec import parse
 
+BUILT_IN = Config().runner_defaults  # the operator's own runner defaults, without the chart
+
 
 def _manifest(step: str, defaults: dict | None = None, **spec) -> dict:
-    return children.job_manifest(make_fit(**spec), step, defaults or {}, "runner:default")
+    return children.job_manifest(make_fit(**spec), step, BUILT_IN if defaults is None else defaults,
+                                 "runner:default")
+
+
+def _pod(step: str, defaults: dict | None = None, **spec) -> dict:
+    return _manifest(step, defaults, **spec)["spec"]["template"]["spec"]
 
 
 def test_the_runner_gets_the_contract_command_and_accepts_the_spec():
@@ -174,3 +182,125 @@ def test_a_packed_sample_pod_samples_as_many_shards_at_once_as_it_requests_cores
         env = children.job_manifest(make_fit(shards=10, runner=runner), "sample", {}, "runner:1")[
             "spec"]["template"]["spec"]["containers"][0]["env"]
         assert lanes not in env
+
+
+# --- per-step pod settings, the platform's pod fields, shard parallelism (#17 items 1-3) -------
+
+def test_a_steps_settings_merge_general_to_specific_the_operators_before_the_fits():
+    defaults = {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+                "nodeSelector": {"pool": "any"},
+                "steps": {"combine": {"resources": {"requests": {"memory": "8Gi"}}, "nodeSelector": {"pool": "cpu"}},
+                          "sample": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
+    runner = {"resources": {"requests": {"cpu": "2"}},
+              "steps": {"combine": {"resources": {"requests": {"memory": "32Gi"}}},
+                        "sample": {"nodeSelector": {"pool": "a100"}}}}
+    fit = make_fit(runner=runner)
+    combine = children.runner_settings(fit, defaults, "combine")
+    assert combine["resources"] == {"requests": {"cpu": "2", "memory": "32Gi"}}  # fit's step > fit > chart's step
+    assert combine["nodeSelector"] == {"pool": "cpu"} and "steps" not in combine
+    partition = children.runner_settings(fit, defaults, "partition")
+    assert partition["resources"] == {"requests": {"cpu": "2", "memory": "1Gi"}}
+    assert partition["nodeSelector"] == {"pool": "any"}
+    for step in ("sample", "round-3"):  # an EP round is set as sample is
+        settings = children.runner_settings(fit, defaults, step)
+        assert settings["resources"]["limits"] == {"nvidia.com/gpu": 1} and settings["nodeSelector"] == {"pool": "a100"}
+    assert "limits" not in children.runner_settings(fit, defaults, "update")["resources"]
+
+
+def test_only_the_steps_that_sample_ask_for_a_gpu_by_default():
+    sampling = {"pilot", "sample", "round", "resample"}
+    for fit in (make_fit(), ep_fit(max_rounds=2)):
+        for step in children.steps(fit):
+            pod = children.job_manifest(fit, step, BUILT_IN, "runner:1")["spec"]["template"]["spec"]
+            limits = pod["containers"][0]["resources"].get("limits", {})
+            gpu = children.parse_step(step)[0] in sampling
+            assert (limits.get("nvidia.com/gpu") == "1") == gpu, step
+            assert ("tolerations" in pod) == gpu, step
+    # a fit's own settings for a step, e.g. sampling on CPUs
+    cpu = make_fit(runner={"steps": {"sample": {"resources": {"limits": {"nvidia.com/gpu": 0}}}}})
+    assert _pod("sample", runner=cpu["spec"]["runner"])["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "0"}
+
+
+PLATFORM = {
+    "imagePullSecrets": [{"name": "registry"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}]}}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"consensusfit.dev/fit": "fvc"}}}],
+    "podLabels": {"cost-center": "lungs"},
+    "podAnnotations": {"sidecar.istio.io/inject": "false"},
+    "runtimeClassName": "nvidia",
+    "schedulerName": "volcano",
+    "volumes": [{"name": "s3-ca", "configMap": {"name": "s3-ca-bundle"}}],
+    "volumeMounts": [{"name": "s3-ca", "mountPath": "/etc/ssl/s3", "readOnly": True}],
+    "podSecurityContext": {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch", "supplementalGroups": [2000]},
+}
+
+
+def test_every_pod_field_a_platform_needs_lands_on_every_steps_pod():
+    fit = ep_fit(max_rounds=1, runner=PLATFORM)
+    for step in children.steps(fit):
+        template = children.job_manifest(fit, step, BUILT_IN, "runner:1")["spec"]["template"]
+        pod, (container,) = template["spec"], template["spec"]["containers"]
+        for key in ("imagePullSecrets", "affinity", "topologySpreadConstraints", "runtimeClassName", "schedulerName"):
+            assert pod[key] == PLATFORM[key], (step, key)
+        assert template["metadata"]["labels"]["cost-center"] == "lungs"
+        assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert pod["volumes"] == [{"name": "scratch", "emptyDir": {}}, *PLATFORM["volumes"]]
+        assert container["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}, *PLATFORM["volumeMounts"]]
+        assert pod["securityContext"] == {**PLATFORM["podSecurityContext"], "runAsNonRoot": True,
+                                          "seccompProfile": {"type": "RuntimeDefault"}}
+    assert "annotations" not in _manifest("partition")["spec"]["template"]["metadata"]
+
+
+def test_the_operators_own_labels_and_security_context_cannot_be_overridden():
+    runner = {"podLabels": {labels.FIT: "other", labels.STEP: "combine", "app.kubernetes.io/managed-by": "me",
+                            "argocd.argoproj.io/instance": "app"},
+              "podAnnotations": {"argocd.argoproj.io/tracking-id": "app:batch/Job:x"},
+              "podSecurityContext": {"runAsNonRoot": False, "runAsUser": 0, "seccompProfile": {"type": "Unconfined"},
+                                     "fsGroup": 1000}}
+    template = _manifest("sample", runner=runner)["spec"]["template"]
+    assert template["metadata"]["labels"] == labels.own("fvc", "sample")
+    assert "annotations" not in template["metadata"]
+    assert template["spec"]["securityContext"] == {"fsGroup": 1000, "runAsNonRoot": True,
+                                                   "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+ADMIN = Config(runner_image="runner:test", policy=Policy())
+
+
+def _refusal(step: str, config: Config = ADMIN, **runner):
+    failure = planner._admission(make_fit(runner=runner), config, step)
+    return failure and (failure.reason, failure.message)
+
+
+def test_a_volume_named_as_the_operators_own_or_on_the_node_is_refused_for_its_step():
+    reason, message = _refusal("combine", volumes=[{"name": "scratch", "emptyDir": {}}])
+    assert reason == "VolumeNotAllowed"
+    assert message == ("spec.runner.volumes may not be named scratch: the operator's own volumes are "
+                       "scratch, compilation-cache")
+    host = {"steps": {"partition": {"volumes": [{"name": "node", "hostPath": {"path": "/"}}]}}}
+    reason, message = _refusal("partition", **host)
+    assert reason == "VolumeNotAllowed" and message.startswith("spec.runner.volumes[node] may not be a hostPath volume")
+    assert _refusal("combine", **host) is None  # another step's volume is that step's business
+    anything = Config(runner_image="runner:test", policy=Policy(volume_types=("hostPath", "configMap")))
+    assert _refusal("partition", anything, **host)[0] == "VolumeNotAllowed"  # never, whatever the policy says
+    assert _refusal("sample", volumes=PLATFORM["volumes"]) is None
+    assert "nfs volume: only" in _refusal("sample", compilationCache={"nfs": {"server": "x", "path": "/"}})[1]
+
+
+def test_shard_jobs_run_at_most_parallelism_pods_and_let_kueue_admit_fewer():
+    fit = make_fit(shards=10, runner={"parallelism": 4, "shardsPerPod": 2})
+    for step, completions in (("sample", 5), ("resample", 10)):
+        job = children.job_manifest(fit, step, BUILT_IN, "runner:1")
+        assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (completions, 4)
+        assert job["metadata"]["annotations"] == {"kueue.x-k8s.io/job-min-parallelism": "1"}
+    wide = children.job_manifest(make_fit(shards=3, runner={"parallelism": 8}), "sample", BUILT_IN, "runner:1")
+    assert wide["spec"]["parallelism"] == wide["spec"]["completions"] == 3
+    assert wide["metadata"]["annotations"] == {"kueue.x-k8s.io/job-min-parallelism": "1"}
+    # one pod at once: nothing for Kueue to lower (it refuses a minimum that is not below parallelism)
+    for job in (children.job_manifest(make_fit(shards=1), "sample", BUILT_IN, "runner:1"),
+                children.job_manifest(make_fit(shards=4, runner={"parallelism": 1}), "sample", BUILT_IN, "runner:1"),
+                _manifest("partition"), _manifest("combine")):
+        assert job["spec"]["parallelism"] == 1 and "annotations" not in job["metadata"]

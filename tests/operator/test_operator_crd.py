@@ -21,7 +21,8 @@ def test_optional_operator_fields_have_defaults():
     defaulted = apply_defaults(MINIMAL, spec_schema())
     assert defaulted["suspend"] is False
     assert defaulted["maxRetriesPerShard"] == 3
-    assert defaulted["runner"] == {"resources": {"limits": {"nvidia.com/gpu": 1}}, "shardsPerPod": 1}
+    # No GPU by default: the operator's runner defaults give one to the steps that sample only.
+    assert defaulted["runner"] == {"shardsPerPod": 1}
     assert "ttlSecondsAfterFinished" not in defaulted  # absent: keep the fit, as a Job does
 
 
@@ -84,3 +85,16 @@ def test_schema_is_structural():
     root = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(root):
         assert "type" in node or node.get("x-kubernetes-int-or-string"), path
+
+
+def test_every_kind_of_step_has_the_pod_settings_of_spec_runner_and_nothing_fit_wide():
+    from consensusfit.operator import children
+
+    runner = spec_schema()["properties"]["runner"]["properties"]
+    steps = runner["steps"]["properties"]
+    assert tuple(steps) == children.SETTINGS_STEPS
+    fit_wide = {"steps", "shardsPerPod", "parallelism"}
+    for step, schema in steps.items():
+        assert schema["properties"] == {key: value for key, value in runner.items() if key not in fit_wide}, step
+    assert runner["parallelism"]["minimum"] == 1 and "default" not in runner["parallelism"]
+    assert set(runner["podSecurityContext"]["properties"]) == set(children.POD_SECURITY_FIELDS)

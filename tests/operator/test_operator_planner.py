@@ -760,17 +760,17 @@ def test_admission_refuses_a_fit_outside_the_admins_policy_before_any_job(spec, 
 
 @pytest.mark.parametrize("spec", ALLOWED)
 def test_admission_allows_the_operators_defaults_and_what_the_policy_lists(spec):
-    assert planner._admission(make_fit(**spec), POLICY) is None
+    assert planner._admission(make_fit(**spec), POLICY, "sample") is None
 
 
 def test_admission_never_allows_host_path_and_can_refuse_python_models():
-    anything = dataclasses.replace(POLICY, policy=dataclasses.replace(POLICY.policy, cache_volumes=("hostPath",)))
-    assert planner._admission(make_fit(runner={"compilationCache": {"hostPath": {"path": "/"}}}), anything).reason == "VolumeNotAllowed"
+    anything = dataclasses.replace(POLICY, policy=dataclasses.replace(POLICY.policy, volume_types=("hostPath",)))
+    assert planner._admission(make_fit(runner={"compilationCache": {"hostPath": {"path": "/"}}}), anything, "sample").reason == "VolumeNotAllowed"
     python = make_fit(model={"python": {"uri": "s3://b/m.py", "function": "model"}})
-    assert planner._admission(python, POLICY) is None
+    assert planner._admission(python, POLICY, "sample") is None
     no_code = dataclasses.replace(POLICY, policy=dataclasses.replace(POLICY.policy, python_models=False))
-    assert planner._admission(python, no_code).reason == "PythonModelsDisabled"
-    assert "trusted code" in planner._admission(python, no_code).message
+    assert planner._admission(python, no_code, "sample").reason == "PythonModelsDisabled"
+    assert "trusted code" in planner._admission(python, no_code, "sample").message
 
 
 def test_runner_pods_get_no_service_account_token_unless_asked():
