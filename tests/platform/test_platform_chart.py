@@ -149,7 +149,12 @@ def test_monitoring_is_off_by_default_and_needs_the_service():
     ("runner.resources.limits.memory=lots", "at '/runner/resources/limits/memory'"),
     ("metrics.serviceMonitor.interval=often", "at '/metrics/serviceMonitor/interval'"),
     ("dashboard.enabled=yes-please", "at '/dashboard/enabled': got string, want boolean"),
-    ("runner.policy.cacheVolumes={hostPath}", "at '/runner/policy/cacheVolumes/0'"),
+    ("runner.policy.volumeTypes={hostPath}", "at '/runner/policy/volumeTypes/0'"),
+    ("runner.steps.sample.resources.limits.memory=lots", "at '/runner/steps/sample/resources/limits/memory'"),
+    ("runner.steps.training.nodeSelector.pool=gpu", "additional properties 'training' not allowed"),
+    ("runner.podSecurityContext.runAsUser=0", "additional properties 'runAsUser' not allowed"),
+    ("runner.volumes[0].name=node,runner.volumes[0].hostPath.path=/", "at '/runner/volumes/0'"),
+    ("runner.imagePullSecrets[0]=registry", "at '/runner/imagePullSecrets/0'"),
 ])
 def test_the_schema_rejects_bad_values_with_a_clear_message(value, message):
     result = helm("template", "x", str(CHART), "--set", value, check=False)
@@ -159,10 +164,9 @@ def test_the_schema_rejects_bad_values_with_a_clear_message(value, message):
 
 
 def _fit(runner: dict | None = None) -> dict:
-    # As the API server stores it: the CRD defaults spec.runner.resources.limits to one GPU.
+    # As the API server stores it (the CRD gives spec.runner no resources: the chart's steps do).
     spec = {"data": {"uri": "s3://b/d/"}, "shards": 2, "model": {"formula": "y ~ 1"},
-            "output": {"uri": "s3://b/f/"}, "maxRetriesPerShard": 3,
-            "runner": runner or {"resources": {"limits": {"nvidia.com/gpu": 1}}}}
+            "output": {"uri": "s3://b/f/"}, "maxRetriesPerShard": 3, "runner": runner or {}}
     return {"metadata": {"name": "fit", "namespace": "team-a", "uid": "u"}, "spec": spec}
 
 
@@ -213,13 +217,13 @@ def test_a_compilation_cache_volume_from_the_values_reaches_the_sampling_pods():
 def test_the_runner_policy_and_the_blocked_grace_period_reach_the_operator():
     default = Config.from_env(container_env(render()))
     assert default.policy == Policy() and default.blocked_grace_seconds == 600
-    assert "hostPath" not in default.policy.cache_volumes
+    assert "hostPath" not in default.policy.volume_types
     config = Config.from_env(container_env(render(
         "runner.policy.images={registry.local/team/*}", "runner.policy.serviceAccounts={team-a}",
-        "runner.policy.cacheVolumes={persistentVolumeClaim}", "runner.policy.pythonModels=false",
+        "runner.policy.volumeTypes={persistentVolumeClaim}", "runner.policy.pythonModels=false",
         "operator.blockedGraceSeconds=120")))
     assert config.policy == Policy(images=("registry.local/team/*",), service_accounts=("team-a",),
-                                   cache_volumes=("persistentVolumeClaim",), python_models=False)
+                                   volume_types=("persistentVolumeClaim",), python_models=False)
     assert config.blocked_grace_seconds == 120
 
 

@@ -63,18 +63,22 @@ app.kubernetes.io/part-of: consensusfit
 
 {{/*
 CONSENSUSFIT_RUNNER_DEFAULTS: spec.runner defaults for every fit, merged under the fit's own
-spec.runner by the operator (deep_merge of consensusfit.runner.contract). The runner ServiceAccount
-is a default only when the operator watches listed namespaces, since a ServiceAccount exists per
-namespace and a pod naming an absent one is never created.
+spec.runner by the operator (operator/children.py runner_settings): the runner values that are set,
+and `steps`, the per-step values that are set (a step's settings as given). The runner
+ServiceAccount is a default only when the operator watches listed namespaces, since a
+ServiceAccount exists per namespace and a pod naming an absent one is never created.
 */}}
 {{- define "consensusfit.runnerDefaults" -}}
 {{- $r := .Values.runner -}}
 {{- $d := dict "resources" $r.resources -}}
-{{- with $r.nodeSelector }}{{ $_ := set $d "nodeSelector" . }}{{ end -}}
-{{- with $r.tolerations }}{{ $_ := set $d "tolerations" . }}{{ end -}}
-{{- with $r.priorityClassName }}{{ $_ := set $d "priorityClassName" . }}{{ end -}}
-{{- with $r.labels }}{{ $_ := set $d "labels" . }}{{ end -}}
-{{- with $r.compilationCache }}{{ $_ := set $d "compilationCache" . }}{{ end -}}
+{{- range $key := list "nodeSelector" "tolerations" "affinity" "topologySpreadConstraints" "priorityClassName" "runtimeClassName" "schedulerName" "imagePullSecrets" "labels" "podLabels" "podAnnotations" "volumes" "volumeMounts" "podSecurityContext" "compilationCache" -}}
+{{- with index $r $key }}{{ $_ := set $d $key . }}{{ end -}}
+{{- end -}}
+{{- $steps := dict -}}
+{{- range $step, $settings := $r.steps -}}
+{{- with $settings }}{{ $_ := set $steps $step . }}{{ end -}}
+{{- end -}}
+{{- with $steps }}{{ $_ := set $d "steps" . }}{{ end -}}
 {{- $env := list -}}
 {{- with $r.s3.endpoint }}{{ $env = append $env (dict "name" "AWS_ENDPOINT_URL" "value" .) }}{{ end -}}
 {{- with $r.s3.region }}{{ $env = append $env (dict "name" "AWS_REGION" "value" .) }}{{ end -}}
