@@ -9,6 +9,9 @@ STEP = "consensusfit.dev/step"  # one of children.STEPS
 # On a Job this operator suspended because its fit was suspended. Only such Jobs are resumed by
 # the operator, so a Job that Kueue holds suspended is never released behind Kueue's back.
 SUSPENDED_BY_FIT = "consensusfit.dev/suspended-by-fit"
+# Kueue's label naming the LocalQueue of a Job (set through spec.runner.labels): a Job that carries it
+# and is suspended, not by the fit, waits in that queue.
+QUEUE_NAME = "kueue.x-k8s.io/queue-name"
 
 # Keys GitOps tools use to track what they applied. Copied onto children, they would make
 # Argo CD or Flux believe it owns (and may prune) the Jobs the operator created.

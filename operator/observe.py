@@ -7,7 +7,7 @@ reduced at once to the few fields the planner decides on. Everything here is pur
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,6 +38,17 @@ def indexes(ranges: str | None) -> tuple[int, ...]:
         first, _, last = part.partition("-")
         named.extend(range(int(first), int(last or first) + 1))
     return tuple(named)
+
+
+def ranges(named: Iterable[int]) -> str:
+    """The interval string of these indexes, as a Job's status writes it (1, 3, 4, 5 is "1,3-5")."""
+    runs: list[list[int]] = []
+    for index in sorted(set(named)):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
 
 
 def controller_uid(metadata: Mapping[str, Any]) -> str | None:
@@ -80,6 +91,8 @@ class JobView:
     succeeded: int  # pods succeeded
     completed_indexes: tuple[int, ...]  # of an Indexed Job: the pods (indexes) that succeeded
     failed_indexes: tuple[int, ...]  # and those failed for good
+    failed: int = 0  # pods failed (the Job controller's counter: disruptions it ignores are not in it)
+    queue: str | None = None  # the Kueue LocalQueue it is labelled with (labels.QUEUE_NAME)
 
 
 def job_view(job: Mapping[str, Any]) -> JobView:
@@ -89,10 +102,10 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
             outcome = condition["type"]
             reason, message = condition.get("reason", ""), condition.get("message", "")
-    annotations = metadata.get("annotations") or {}
+    annotations, given = metadata.get("annotations") or {}, metadata.get("labels") or {}
     return JobView(
         name=metadata["name"],
-        step=(metadata.get("labels") or {}).get(labels.STEP, ""),
+        step=given.get(labels.STEP, ""),
         uid=metadata.get("uid"),
         owner=controller_uid(metadata),
         created=parse_time(metadata.get("creationTimestamp")),
@@ -105,6 +118,8 @@ def job_view(job: Mapping[str, Any]) -> JobView:
         succeeded=status.get("succeeded") or 0,
         completed_indexes=indexes(status.get("completedIndexes")),
         failed_indexes=indexes(status.get("failedIndexes")),
+        failed=status.get("failed") or 0,
+        queue=given.get(labels.QUEUE_NAME),
     )
 
 

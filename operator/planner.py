@@ -1,14 +1,19 @@
 """Every decision of the operator: from (fit, observed Jobs and pods, time) to what to change.
 
-`plan` is a pure function. It derives the fit's state from what it observes, never from memory
-of earlier passes, so an operator restarted at any moment, or one that sees a stale view, makes
-the same decisions: children have deterministic names (a repeated create is a harmless conflict),
-and the status it writes is recomputed from the Jobs and pods each time.
+`plan` is a pure function. It derives the fit's state from what it observes and what the fit's
+status keeps, never from memory of earlier passes, so an operator restarted at any moment, or one
+that sees a stale view, makes the same decisions: children have deterministic names (a repeated
+create is a harmless conflict), and the status it writes is recomputed from the Jobs and pods each
+time, except what must outlive them: the diagnostics and the retries are folded into what status
+already counts, and a finished fit's status stays as it concluded, so that deleting its Jobs and
+pods (spec.cleanupPolicy, the garbage collector) loses nothing.
 
 Phases: Pending -> Partitioning -> Sampling -> Combining -> Succeeded, or Failed with a reason.
 Combining spans three Jobs (children.py): globals, resample (one pod per shard) and combine.
 Conditions: Partitioned, Sampled, GlobalsCombined, GroupsResampled (only for fits that re-sample
-their group-level parameters), Succeeded, Failed, Suspended.
+their group-level parameters), Succeeded, Failed, Suspended, Queued (a queue such as Kueue holds a
+Job suspended: its wait, kept in status.queuedSeconds, does not count towards the deadline),
+Blocked.
 
 An EP fit's Sampling spans the pilot and its rounds (a round Job, then its update), with the
 conditions Piloted, Sampled and Updated (their messages name the latest round), `status.rounds`
@@ -17,13 +22,14 @@ maxRounds without converging). The next round is created only once the update's 
 message says `final: false`; the round in progress is read from the Jobs that exist.
 
 A pass applies named policies in order, as JobSet's reconcile does, each a small pure function of
-what is observed: `_suspension` (spec.suspend on the Jobs and the Suspended condition),
-`_deadline` (activeDeadlineSeconds), `_rejected` (a Job the API server refused as invalid),
-`_advance` (walk the steps, which are data: `sequence`), `_blocked` (pods that cannot start: the
-Blocked condition, failing after a grace period), `_admission` (what the admin's policy forbids a
-Job to be), `_conclude` (the phase and its events), `_stop` (a failed fit's leftover Jobs) and
-`_ttl` (ttlSecondsAfterFinished). `children_of` first sets apart the Jobs labelled with the fit's
-name that another fit (another uid) owns: they are reported, never read.
+what is observed: `_suspension` (spec.suspend on the Jobs and the Suspended condition), `_queued`
+(the Queued condition), `_deadline` (activeDeadlineSeconds), `_rejected` (a Job the API server
+refused as invalid), `_advance` (walk the steps, which are data: `sequence`), `_blocked` (pods that
+cannot start: the Blocked condition, failing after a grace period), `_admission` (what the admin's
+policy forbids a Job to be), `_conclude` (the phase and its events), `_stop` (a failed fit's
+leftover Jobs), `_retention` (spec.cleanupPolicy: a finished fit's Jobs to delete) and `_ttl`
+(ttlSecondsAfterFinished). `children_of` first sets apart the Jobs labelled with the fit's name
+that another fit (another uid) owns: they are reported, never read.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from typing import Any
 from . import children, labels
 from .conditions import find, is_true, set_condition, timestamp
 from .config import Config
-from .observe import FAILED_CREATE, UNSCHEDULABLE, JobView, PodView, parse_time
+from .observe import FAILED_CREATE, UNSCHEDULABLE, JobView, PodView, indexes, parse_time, ranges
 
 RUNNING_PHASES = ("Pending", "Partitioning", "Sampling", "Combining")
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -66,6 +72,10 @@ class Step:
 
 CONVERGED = "Converged"
 BLOCKED = "Blocked"
+QUEUED = "Queued"
+# spec.cleanupPolicy's key for each way a fit ends, and the value that deletes its Jobs.
+CLEANUP_ON = {"Succeeded": "onSuccess", "Failed": "onFailure"}
+DELETE = "Delete"
 # The runner container's waiting reasons that waiting alone does not end (ContainerCreating does).
 BLOCKING_WAITS = ("CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff",
                   "InvalidImageName", "ErrImageNeverPull")
@@ -111,7 +121,7 @@ def _step(name: str) -> Step:
 # The status fields this operator owns; anything else there (another tool's) is left alone.
 STATUS_FIELDS = (
     "observedGeneration", "phase", "conditions", "shards", "resample", "rounds", "startTime", "completionTime",
-    "diagnostics", "result",
+    "queuedSeconds", "diagnostics", "retries", "result",
 )
 
 
@@ -126,6 +136,7 @@ class Event:
 class Plan:
     create: tuple[dict, ...] = ()  # Job manifests
     patch_jobs: tuple[tuple[str, dict], ...] = ()  # (Job name, merge patch)
+    delete_jobs: tuple[str, ...] = ()  # Job names (spec.cleanupPolicy); their pods follow
     delete_fit: bool = False  # ttlSecondsAfterFinished has passed
     status: dict = field(default_factory=dict)  # merge patch of .status; empty: nothing changed
     state: dict = field(default_factory=dict)  # the whole status after the patch
@@ -233,24 +244,60 @@ def _finish_time(pod: PodView) -> datetime:
     return pod.finished or _LONG_AGO
 
 
-def diagnostics(pods: Sequence[PodView]) -> dict[str, Any] | None:
-    """Worst-case convergence over the shards, from the shard pods' termination messages."""
+def diagnostics(
+    steps: Sequence[Step], jobs: Mapping[str, JobView], pods: Sequence[PodView], old: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """Worst-case convergence over the shards of the sampling Job latest in the walk (the one
+    status.shards counts: sample, or the EP round in progress), from its pods' termination messages.
+
+    What status already counts stays counted, so the values outlive the pods they came from (the
+    pod garbage collector, spec.cleanupPolicy): each pod's report is folded in once, and `indexes`
+    (the completion indexes counted, in the interval notation of a Job's completedIndexes: a few
+    characters at any number of shards) keeps divergences, a sum, from counting a pod twice. A new
+    round starts its own count once one of its pods reported; until then the round before stays.
+    """
+    sampling = [s.name for s in steps if children.samples_shards(s.name) and s.name in jobs]
+    if not sampling:
+        return dict(old) if old else None
+    step = sampling[-1]
+    kept = old if old and old.get("step") == step else {}
+    counted = set(indexes(kept.get("indexes")))
     reports: dict[int, dict] = {}
-    for pod in sorted(pods, key=_finish_time):  # a later report of a shard wins
+    for pod in pods:
         report = pod.report or {}
-        if children.samples_shards(pod.step) and report.get("ok") and all(k in report for k in _DIAGNOSTIC_KEYS):
-            # An EP round's report of a shard replaces the round's before.
-            reports[pod.index if pod.index is not None else report.get("shard")] = report
+        if (pod.step == step and pod.index is not None and pod.index not in counted and report.get("ok")
+                and all(k in report for k in _DIAGNOSTIC_KEYS)):
+            reports[pod.index] = report
     if not reports:
-        return None
+        return dict(old) if old else None
     values = list(reports.values())
     summary = {
-        "rhatMax": _extreme(max, (r["rhatMax"] for r in values)),
-        "essBulkMin": _extreme(min, (r["essBulkMin"] for r in values)),
-        "divergences": sum(int(r["divergences"] or 0) for r in values),
-        "slowestShardSeconds": _extreme(max, (r["seconds"] for r in values)),
+        "step": step,
+        "rhatMax": _extreme(max, [kept.get("rhatMax"), *(r["rhatMax"] for r in values)]),
+        "essBulkMin": _extreme(min, [kept.get("essBulkMin"), *(r["essBulkMin"] for r in values)]),
+        "divergences": kept.get("divergences", 0) + sum(int(r["divergences"] or 0) for r in values),
+        "slowestShardSeconds": _extreme(max, [kept.get("slowestShardSeconds"), *(r["seconds"] for r in values)]),
+        "indexes": ranges(counted | set(reports)),
     }
     return {key: value for key, value in summary.items() if value is not None}
+
+
+def retries(jobs: Mapping[str, JobView], pods: Sequence[PodView], old: Mapping[str, Any] | None) -> dict[str, Any]:
+    """status.retries: per per-shard step, its pods started again after a failure or a disruption,
+    and their total. A counter: a step's count is the largest of what status has, its pods beyond
+    one per index, and its Job's failed pods beyond the indexes failed for good, so it never
+    decreases when pods or Jobs are deleted."""
+    counts = dict((old or {}).get("steps") or {})
+    by_step: dict[str, list[PodView]] = {}
+    for pod in pods:
+        if children.is_per_shard(pod.step):
+            by_step.setdefault(pod.step, []).append(pod)
+    for step in {*by_step, *(s for s in jobs if children.is_per_shard(s))}:
+        mine, job = by_step.get(step, []), jobs.get(step)
+        counts[step] = max(counts.get(step, 0), len(mine) - len({p.index for p in mine}),
+                           job.failed - len(job.failed_indexes) if job else 0)
+    counts = {step: count for step, count in sorted(counts.items()) if count > 0}
+    return {"total": sum(counts.values()), "steps": counts}
 
 
 def _extreme(pick, values) -> float | None:
@@ -421,10 +468,52 @@ def _suspension(
     return Suspension(patches, conditions, (Event("Normal", "Resumed", "fit resumed"),), resumed=True)
 
 
-def _deadline(spec: Mapping[str, Any], start: datetime | None, now: datetime) -> Failure | None:
-    """activeDeadlineSeconds, counted from startTime, and not while the fit is suspended."""
+@dataclass(frozen=True)
+class Queueing:
+    """The Queued condition in this pass, and the seconds of a queue's hold that ended in it."""
+
+    conditions: list[dict]
+    events: tuple[Event, ...] = ()
+    ended: float = 0.0  # to add to status.queuedSeconds
+
+
+def _queued(
+    unfinished: Sequence[JobView], conditions: list[dict], start: datetime | None, now: datetime
+) -> Queueing:
+    """The Queued condition: True while one of the fit's running Jobs is suspended by someone else
+    than the fit (Kueue suspends a Job labelled with a queue until it admits it), False with reason
+    Admitted once none is. A Normal event at each change."""
+    old = find(conditions, QUEUED)
+    was_queued = old is not None and old["status"] == "True"
+    held = [job for job in unfinished if job.suspended and not job.suspended_by_fit]
+    if held:
+        job = held[0]
+        reason, where = (("QueuedByKueue", f"in Kueue's LocalQueue {job.queue}") if job.queue
+                         else ("SuspendedExternally", "suspended by another controller"))
+        message = f"Job {job.name} waits {where}: its pods start once it is admitted"
+        message += f" (and {len(held) - 1} more)" if len(held) > 1 else ""
+        conditions = set_condition(conditions, QUEUED, True, reason, message, now)
+        return Queueing(conditions, () if was_queued else (Event("Normal", reason, message),))
+    if not was_queued:
+        return Queueing(conditions)
+    ended = _hold(old, start, now)
+    message = f"admitted after {ended:g} s in the queue"
+    return Queueing(set_condition(conditions, QUEUED, False, "Admitted", message, now),
+                    (Event("Normal", "Admitted", message),), ended)
+
+
+def _hold(queued: Mapping[str, Any] | None, start: datetime | None, now: datetime) -> float:
+    """Seconds since `start` of the queue's hold that the Queued condition says is going on."""
+    if queued is None or queued["status"] != "True" or start is None:
+        return 0.0
+    return max(0.0, (now - max(parse_time(queued["lastTransitionTime"]), start)).total_seconds())
+
+
+def _deadline(spec: Mapping[str, Any], start: datetime | None, queued: float, now: datetime) -> Failure | None:
+    """activeDeadlineSeconds, counted from startTime, and not while the fit is suspended nor for
+    the `queued` seconds since then that a queue held its Jobs (a quota's wait is not running)."""
     deadline = spec.get("activeDeadlineSeconds")
-    if deadline is None or start is None or spec.get("suspend") or (now - start).total_seconds() <= deadline:
+    if deadline is None or start is None or spec.get("suspend") or (now - start).total_seconds() - queued <= deadline:
         return None
     return Failure("DeadlineExceeded", f"the fit ran longer than activeDeadlineSeconds={deadline}")
 
@@ -593,7 +682,8 @@ def blocks(
               for step, refusal in obstacles.refused.items() if refusal.code not in INVALID_JOB_CODES]
     found += [Block(FAILED_CREATE, f"Job {job} cannot create its pods: {message}")
               for job, message in sorted(obstacles.failed_creates.items())]
-    running = {job.step for job in jobs.values() if job.outcome is None}
+    # A suspended Job's pods are on their way out (a queue took its admission back): they block nothing.
+    running = {job.step for job in jobs.values() if job.outcome is None and not job.suspended}
     for pod in sorted(pods, key=lambda p: p.name):
         if pod.done or pod.step not in running:
             continue
@@ -682,6 +772,14 @@ def _ttl(spec: Mapping[str, Any], status: Mapping[str, Any], now: datetime) -> b
     return ttl is not None and completed is not None and (now - completed).total_seconds() >= ttl
 
 
+def _retention(spec: Mapping[str, Any], phase: str, jobs: Mapping[str, JobView]) -> tuple[str, ...]:
+    """spec.cleanupPolicy: a finished fit's Jobs to delete (the garbage collector takes their pods)
+    where the policy for how it ended says Delete. Called only for a fit already finished when the
+    pass began, so the status that concluded it (result, diagnostics, counts) is stored first."""
+    policy = (spec.get("cleanupPolicy") or {}).get(CLEANUP_ON[phase])
+    return tuple(sorted(job.name for job in jobs.values())) if policy == DELETE else ()
+
+
 def _stop(unfinished: Sequence[JobView]) -> tuple[tuple[str, dict], ...]:
     """A failed fit stops what still runs (keeping the Jobs and their pods' messages for inspection)."""
     return tuple((job.name, _suspend_patch(True)) for job in unfinished if not job.suspended)
@@ -691,17 +789,23 @@ def _observed(
     fit: Mapping[str, Any], steps: Sequence[Step], jobs: Mapping[str, JobView], pods: Sequence[PodView],
     old: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The status fields recomputed from the Jobs and pods in every pass, whatever the phase."""
+    """The status fields read from the Jobs and pods. A running fit's are recomputed in every pass;
+    a finished fit's stay as the pass that concluded it left them, so that deleting its Jobs and
+    pods (spec.cleanupPolicy, the garbage collector) loses nothing; only the retry counter may grow."""
+    counters = {"observedGeneration": fit["metadata"].get("generation"),
+                "retries": retries(jobs, pods, old.get("retries"))}
+    if old.get("phase") in TERMINAL_PHASES:
+        return counters
     spec = fit["spec"]
     resampled = any(step.name == children.RESAMPLE for step in steps)
     # The shards of the sampling Job latest in the walk: sample, or the EP round in progress.
     sampling = [jobs[s.name] for s in steps if children.samples_shards(s.name) and s.name in jobs]
     return {
-        "observedGeneration": fit["metadata"].get("generation"),
+        **counters,
         "shards": shard_counts(spec["shards"], sampling[-1] if sampling else None, children.shards_per_pod(fit)),
         "resample": shard_counts(spec["shards"], jobs.get(children.RESAMPLE)) if resampled else None,
         "rounds": rounds(fit, steps, jobs, pods, old.get("rounds")),
-        "diagnostics": diagnostics(pods) or old.get("diagnostics"),
+        "diagnostics": diagnostics(steps, jobs, pods, old.get("diagnostics")),
     }
 
 
@@ -717,10 +821,11 @@ def plan(
     """Decide what to do for one fit. `jobs` maps a step to its Job; `pods` are its Jobs' pods
     (`children_of`); `obstacles` what else keeps its pods from starting.
 
-    As JobSet's reconcile does, a pass applies named policies in order: a finished fit only
-    expires (`_ttl`); a running one applies spec.suspend (`_suspension`), checks its deadline
-    (`_deadline`) and refused Jobs (`_rejected`), walks its steps (`_advance`), looks for what
-    blocks its pods (`_blocked`), checks the Job to create against the admin's policy
+    As JobSet's reconcile does, a pass applies named policies in order: a finished fit deletes its
+    Jobs as spec.cleanupPolicy says (`_retention`) and expires (`_ttl`); a running one applies
+    spec.suspend (`_suspension`), tells whether a queue holds its Jobs (`_queued`), checks its
+    deadline (`_deadline`) and refused Jobs (`_rejected`), walks its steps (`_advance`), looks for
+    what blocks its pods (`_blocked`), checks the Job to create against the admin's policy
     (`_admission`) and settles its phase (`_conclude`); a failed fit stops what still runs (`_stop`).
     """
     spec = fit["spec"]
@@ -732,18 +837,29 @@ def plan(
     started, finished, ledger = _pod_news(pods, seen)
     ledger = dataclasses.replace(ledger, foreign=frozenset(job.uid for job in obstacles.foreign if job.uid))
     events, create, patches = [*_foreign_events(obstacles.foreign, seen), *_pod_events(finished)], [], ()
+    deleted: tuple[str, ...] = ()
 
     if phase in TERMINAL_PHASES:
         outcome, reached = Conclusion(phase, status.get("conditions", [])), phase
+        deleted = _retention(spec, phase, jobs)
+        if deleted:
+            events.append(Event("Normal", "JobsDeleted", f"spec.cleanupPolicy.{CLEANUP_ON[phase]} is {DELETE}: "
+                                f"deleting Jobs {', '.join(deleted)} and their pods; the status keeps the result"))
     else:
         suspension = _suspension(spec, unfinished, status.get("conditions", []), now)
         events += suspension.events
         patches = suspension.patches
         if suspension.resumed and status.get("startTime"):
-            status["startTime"] = timestamp(now)  # as a Job does: the deadline counts from the resumption
-        failure = _deadline(spec, parse_time(status.get("startTime")), now) or _rejected(fit, obstacles.refused)
-        progress = (Progress(phase, suspension.conditions, failure=failure) if failure
-                    else _advance(fit, steps, jobs, pods, phase, suspension.conditions, now))
+            # As a Job does: the deadline counts from the resumption, queued time included.
+            status["startTime"], status["queuedSeconds"] = timestamp(now), None
+        start = parse_time(status.get("startTime"))
+        queueing = _queued(unfinished, suspension.conditions, start, now)
+        events += queueing.events
+        status["queuedSeconds"] = int((status.get("queuedSeconds") or 0) + queueing.ended) or None
+        queued = (status["queuedSeconds"] or 0) + _hold(find(queueing.conditions, QUEUED), start, now)
+        failure = _deadline(spec, start, queued, now) or _rejected(fit, obstacles.refused)
+        progress = (Progress(phase, queueing.conditions, failure=failure) if failure
+                    else _advance(fit, steps, jobs, pods, phase, queueing.conditions, now))
         wanted = children.job_name(fit["metadata"]["name"], progress.at.name) if progress.create else None
         found = blocks(fit, jobs, pods, obstacles, wanted)
         blocking = _blocked(found, progress.conditions, now, config.blocked_grace_seconds)
@@ -762,7 +878,7 @@ def plan(
             status["completionTime"] = timestamp(now)
 
     if outcome.phase == "Failed":
-        patches = _stop(unfinished)
+        patches = _stop([job for job in unfinished if job.name not in deleted])
     status["phase"] = outcome.phase
     status["conditions"] = outcome.conditions
     status = {key: value for key, value in status.items() if value is not None}
@@ -770,6 +886,7 @@ def plan(
     return Plan(
         create=tuple(create),
         patch_jobs=patches,
+        delete_jobs=deleted,
         delete_fit=phase in TERMINAL_PHASES and _ttl(spec, status, now),
         status=merge_patch(old, status),
         state=status,

@@ -78,12 +78,13 @@ def ep_fit(status: dict | None = None, max_rounds: int = 8, **spec: Any) -> dict
 
 def job(step: str, outcome: str | None = None, *, active: int = 0, succeeded: int = 0,
         failed_indexes: int = 0, suspended: bool = False, by_fit: bool = False,
-        reason: str = "", fit: str = "fvc", owner: str | None = "uid-fvc") -> JobView:
+        reason: str = "", fit: str = "fvc", owner: str | None = "uid-fvc", failed: int = 0,
+        queue: str | None = None) -> JobView:
     return JobView(
         name=job_name(fit, step), step=step, uid=job_uid(step, fit), owner=owner, created=T0 + timedelta(seconds=1), suspended=suspended,
         suspended_by_fit=by_fit, outcome=outcome, reason=reason, message="", active=active,
         succeeded=succeeded, completed_indexes=tuple(range(succeeded)),
-        failed_indexes=tuple(range(succeeded, succeeded + failed_indexes)),
+        failed_indexes=tuple(range(succeeded, succeeded + failed_indexes)), failed=failed, queue=queue,
     )
 
 

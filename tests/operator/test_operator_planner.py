@@ -3,6 +3,7 @@ deletion and restart, as pure function calls on observed Jobs and pods."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from datetime import timedelta
@@ -53,6 +54,7 @@ def assert_indexed_one_pod_per_shard(manifest: dict, shards: int = 3) -> None:
 
 
 COMBINING = {"phase": "Combining", "startTime": "2026-01-01T00:01:00Z"}
+NO_RETRIES = {"total": 0, "steps": {}}
 
 
 # -- Pending -> Partitioning -> Sampling -> Combining (globals, resample, combine) -> Succeeded ------
@@ -101,7 +103,8 @@ def test_sampling_reports_counts_and_worst_case_diagnostics():
     assert result.state["phase"] == "Sampling"
     assert result.state["shards"] == {"total": 3, "active": 1, "succeeded": 2, "failed": 0}
     assert result.state["diagnostics"] == {
-        "rhatMax": 1.010, "essBulkMin": 500, "divergences": 3, "slowestShardSeconds": 70}
+        "rhatMax": 1.010, "essBulkMin": 500, "divergences": 3, "slowestShardSeconds": 70,
+        "step": "sample", "indexes": "0-1"}
 
 
 @pytest.mark.parametrize("first_done", [0, 1])
@@ -120,7 +123,8 @@ def test_worst_case_diagnostics_leave_out_nulls_whatever_the_order_of_finishing(
     pods.append(pod("sample", 2, phase="Running"))
     result = plan(fit, jobs, pods, NOW, CONFIG)
     assert result.state["diagnostics"] == {
-        "rhatMax": 1.02, "essBulkMin": 450, "divergences": 0, "slowestShardSeconds": 50}
+        "rhatMax": 1.02, "essBulkMin": 450, "divergences": 0, "slowestShardSeconds": 50,
+        "step": "sample", "indexes": "0-1"}
     json.dumps(result.state, allow_nan=False)
 
 
@@ -229,7 +233,10 @@ def test_whole_fit_walked_pass_by_pass_reaches_succeeded_once(group_parameters, 
          "resample": "GroupsResampled", "combine": "Succeeded"}[step] for step in steps]
     assert ("resample" in fit["status"]) == (group_parameters == "resample")
     again = plan(fit, jobs, pods, NOW + timedelta(hours=1), CONFIG, result.seen)
-    assert again.status == {} and again.create == () and again.events == () and not again.delete_fit
+    assert again.status == {} and again.create == () and not again.delete_fit
+    # The next pass deletes the Jobs (spec.cleanupPolicy.onSuccess defaults to Delete), nothing else.
+    assert again.delete_jobs == tuple(sorted(children.job_name("fvc", step) for step in steps))
+    assert reasons(again) == ["JobsDeleted"]
 
 
 # -- failures and retries ----------------------------------------------------------------------------
@@ -422,7 +429,8 @@ def test_restart_mid_sampling_continues_without_creating_anything():
     fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z",
                            "observedGeneration": 1,
                            "shards": {"total": 3, "active": 3, "succeeded": 0, "failed": 0},
-                           "resample": {"total": 3, "active": 0, "succeeded": 0, "failed": 0}})
+                           "resample": {"total": 3, "active": 0, "succeeded": 0, "failed": 0},
+                           "retries": NO_RETRIES})
     jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
     result = plan(fit, jobs, [], NOW, CONFIG, Ledger())
     assert result.create == () and result.patch_jobs == ()
@@ -433,7 +441,8 @@ def test_restart_mid_sampling_continues_without_creating_anything():
 def test_restart_mid_resampling_continues_without_creating_anything():
     fit = make_fit(status={**COMBINING, "observedGeneration": 1,
                            "shards": {"total": 3, "active": 0, "succeeded": 3, "failed": 0},
-                           "resample": {"total": 3, "active": 3, "succeeded": 0, "failed": 0}})
+                           "resample": {"total": 3, "active": 3, "succeeded": 0, "failed": 0},
+                           "retries": NO_RETRIES})
     jobs = {**complete("partition", "globals"), "sample": job("sample", "Complete", succeeded=3),
             "resample": job("resample", active=3)}
     result = plan(fit, jobs, [pod("resample", k, phase="Running") for k in range(3)], NOW, CONFIG, Ledger())
@@ -528,7 +537,7 @@ def test_suspension_of_a_fit_never_suspended_is_nothing():
     ({"activeDeadlineSeconds": 60, "suspend": True}, T0, False),  # the clock stops while suspended
 ])
 def test_deadline_counts_from_the_start_and_not_while_suspended(spec, start, failed):
-    failure = planner._deadline(spec, start, NOW)
+    failure = planner._deadline(spec, start, 0.0, NOW)
     assert (failure is not None) == failed
     if failed:
         assert failure == planner.Failure("DeadlineExceeded", "the fit ran longer than activeDeadlineSeconds=599")
@@ -612,7 +621,7 @@ def test_observed_status_is_recomputed_from_the_jobs_and_pods():
     old = {"diagnostics": {"rhatMax": 1.1}}
     observed = planner._observed(fit, planner.sequence(fit), {"sample": job("sample", active=3)}, [], old)
     assert observed == {"observedGeneration": 1, "shards": {"total": 3, "active": 3, "succeeded": 0, "failed": 0},
-                        "resample": None, "rounds": None, "diagnostics": {"rhatMax": 1.1}}
+                        "resample": None, "rounds": None, "diagnostics": {"rhatMax": 1.1}, "retries": NO_RETRIES}
 
 
 @pytest.mark.parametrize("group_parameters, names", [
@@ -778,3 +787,167 @@ def test_runner_pods_get_no_service_account_token_unless_asked():
     assert manifest["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     (asked,) = plan(make_fit(runner={"automountServiceAccountToken": True}), {}, [], NOW, CONFIG).create
     assert asked["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+
+
+# -- Kueue: the Queued condition, and a deadline that a queue's wait does not consume -----------------------
+
+def queued_fit(**spec) -> dict:
+    return make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:00:00Z"}, **spec)
+
+
+def test_a_job_held_by_kueue_is_queued_not_blocked_and_admitted_once_released():
+    fit = queued_fit()
+    held = job("sample", suspended=True, queue="gpus")  # suspended, and not by the fit
+    # A pod left from an admission Kueue took back (preemption) is on its way out: it blocks nothing.
+    leftover = pod("sample", 0, phase="Pending", unschedulable="0/4 nodes are available")
+    result = plan(fit, {"partition": job("partition", "Complete"), "sample": held}, [leftover], NOW, CONFIG)
+    queued = condition(result, "Queued")
+    assert (queued["status"], queued["reason"]) == ("True", "QueuedByKueue")
+    assert queued["message"] == "Job fvc-shards waits in Kueue's LocalQueue gpus: its pods start once it is admitted"
+    assert "Blocked" not in {c["type"] for c in result.state["conditions"]}
+    assert reasons(result) == ["QueuedByKueue"] and result.patch_jobs == ()  # never released behind Kueue's back
+
+    fit = state_after(fit, result)
+    later = NOW + timedelta(minutes=5)
+    again = plan(fit, {"partition": job("partition", "Complete"), "sample": held}, [], later, CONFIG)
+    assert again.status == {} and again.events == ()  # said once
+    admitted = plan(fit, {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}, [],
+                    later, CONFIG)
+    queued = condition(admitted, "Queued")
+    assert (queued["status"], queued["reason"]) == ("False", "Admitted")
+    assert reasons(admitted) == ["Admitted"]
+    assert admitted.state["queuedSeconds"] == 300
+
+
+def test_a_job_suspended_by_another_controller_without_a_queue_label_is_queued_too():
+    result = plan(queued_fit(), {"sample": job("sample", suspended=True)}, [], NOW, CONFIG)
+    assert condition(result, "Queued")["reason"] == "SuspendedExternally"
+    # The fit's own suspension is not a queue's.
+    ours = plan(queued_fit(suspend=True), {"sample": job("sample", suspended=True, by_fit=True)}, [], NOW, CONFIG)
+    assert "Queued" not in {c["type"] for c in ours.state["conditions"]}
+
+
+def queued_since(minute: int) -> dict:
+    return {"type": "Queued", "status": "True", "reason": "QueuedByKueue", "message": "",
+            "lastTransitionTime": f"2026-01-01T00:{minute:02d}:00Z"}
+
+
+def test_the_deadline_does_not_count_the_time_a_queue_held_the_jobs():
+    """Ten minutes of deadline; the shard Job waits in a queue from minute 2 to 15, then runs."""
+    held = {"partition": job("partition", "Complete"), "sample": job("sample", suspended=True, queue="gpus")}
+    running = {"partition": job("partition", "Complete"), "sample": job("sample", active=3)}
+    fit = make_fit(activeDeadlineSeconds=600, status={"phase": "Sampling", "startTime": "2026-01-01T00:00:00Z",
+                                                      "conditions": [queued_since(2)]})
+    at = T0 + timedelta(minutes=14)  # 14 minutes since the start, 12 of them queued
+    assert plan(fit, held, [], at, CONFIG).state["phase"] == "Sampling"
+    admitted = plan(fit, running, [], T0 + timedelta(minutes=15), CONFIG)
+    assert admitted.state["phase"] == "Sampling" and admitted.state["queuedSeconds"] == 780
+    # A fresh pass from the status alone (an operator restart) goes on counting from it.
+    fit = state_after(fit, admitted)
+    assert plan(fit, running, [], T0 + timedelta(minutes=23), CONFIG).state["phase"] == "Sampling"
+    late = plan(fit, running, [], T0 + timedelta(minutes=23, seconds=1), CONFIG)
+    assert late.state["phase"] == "Failed" and condition(late, "Failed")["reason"] == "DeadlineExceeded"
+
+
+@pytest.mark.parametrize("since, start, seconds", [
+    (2, 0, 480.0),  # queued since minute 2: 8 minutes by minute 10
+    (2, 5, 300.0),  # the fit was resumed at minute 5: its clock, and the wait, count from there
+])
+def test_a_hold_counts_from_the_later_of_its_start_and_the_fits(since, start, seconds):
+    assert planner._hold(queued_since(since), T0 + timedelta(minutes=start), NOW) == seconds
+    assert planner._hold({**queued_since(since), "status": "False"}, T0, NOW) == 0.0
+
+
+def test_resuming_the_fit_restarts_the_deadline_clock_queued_time_included():
+    status = {"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z", "queuedSeconds": 120,
+              "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended", "message": "",
+                              "lastTransitionTime": "2026-01-01T00:02:00Z"}]}
+    fit = make_fit(status=status, activeDeadlineSeconds=300)
+    result = plan(fit, {"sample": job("sample", suspended=True, by_fit=True)}, [], NOW, CONFIG)
+    assert result.state["startTime"] == "2026-01-01T00:10:00Z" and "queuedSeconds" not in result.state
+    assert result.status["queuedSeconds"] is None  # removed by the merge patch
+
+
+# -- cleanup without losing the result: spec.cleanupPolicy, diagnostics and retries that outlive pods --------
+
+SUCCEEDED_PODS = [
+    pod("sample", 0, "Failed", report={"ok": False, "reason": "Error", "message": "storage"}),
+    pod("sample", 0, attempt=1, report=shard_report(0, rhat=1.02, ess=300, divergences=2, seconds=80)),
+    *(pod("sample", k, report=shard_report(k, divergences=1)) for k in (1, 2)),
+    *DONE_PODS["resample"], *DONE_PODS["combine"],
+]
+
+
+def succeeded_fit(**spec) -> tuple[dict, dict]:
+    """A fit that concluded Succeeded (one shard retried), as stored, and its Jobs."""
+    jobs = {**complete(*children.STEPS), "sample": job("sample", "Complete", succeeded=3, failed=1)}
+    fit = make_fit(status=COMBINING, **spec)
+    fit = state_after(fit, plan(fit, {**jobs, "combine": job("combine", active=1)}, SUCCEEDED_PODS, NOW, CONFIG))
+    done = plan(fit, jobs, SUCCEEDED_PODS, NOW, CONFIG)
+    assert done.state["phase"] == "Succeeded" and done.delete_jobs == ()  # not before the status is stored
+    return state_after(fit, done), jobs
+
+
+def test_a_succeeded_fit_deletes_its_jobs_and_its_status_outlives_them():
+    fit, jobs = succeeded_fit()
+    kept = copy.deepcopy(fit["status"])
+    assert kept["diagnostics"] == {"rhatMax": 1.02, "essBulkMin": 300, "divergences": 4, "slowestShardSeconds": 80,
+                                   "step": "sample", "indexes": "0-2"}
+    assert kept["retries"] == {"total": 1, "steps": {"sample": 1}}
+    result = plan(fit, jobs, SUCCEEDED_PODS, NOW, CONFIG)
+    assert result.delete_jobs == ("fvc-combine", "fvc-globals", "fvc-partition", "fvc-resample", "fvc-shards")
+    assert result.status == {}
+    # The Jobs are gone, then their pods (the garbage collector): in any order, nothing is lost,
+    # also for an operator restarted in between (each pass plans from the status alone).
+    for left_jobs, left_pods in (({}, SUCCEEDED_PODS), ({}, []), ({"combine": jobs["combine"]}, [])):
+        after = plan(fit, left_jobs, left_pods, NOW + timedelta(minutes=1), CONFIG)
+        assert after.status == {} and after.state == kept
+    assert plan(fit, {}, [], NOW, CONFIG).delete_jobs == ()
+
+
+def test_a_failed_fit_keeps_its_jobs_by_default_and_deletes_them_if_asked():
+    status = {"phase": "Failed", "completionTime": "2026-01-01T00:05:00Z", "shards": {"total": 3, "failed": 1}}
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=2)}
+    kept = plan(make_fit(status=status), jobs, [], NOW, CONFIG)
+    assert kept.delete_jobs == () and [name for name, _ in kept.patch_jobs] == ["fvc-shards"]
+    asked = plan(make_fit(status=status, cleanupPolicy={"onFailure": "Delete"}), jobs, [], NOW, CONFIG)
+    assert asked.delete_jobs == ("fvc-partition", "fvc-shards") and asked.patch_jobs == ()
+    assert reasons(asked) == ["JobsDeleted"] and asked.state["shards"] == status["shards"]
+    kept_on_success = make_fit(status={**status, "phase": "Succeeded"}, cleanupPolicy={"onSuccess": "Keep"})
+    assert plan(kept_on_success, jobs, [], NOW, CONFIG).delete_jobs == ()
+
+
+def test_diagnostics_outlive_their_pods_and_count_each_shard_once():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=1, succeeded=2)}
+    first = [pod("sample", k, report=shard_report(k, rhat=1.01 + k / 100, ess=500 - k, divergences=k + 1))
+             for k in (0, 1)]
+    fit = state_after(fit, plan(fit, jobs, first, NOW, CONFIG))
+    assert fit["status"]["diagnostics"]["divergences"] == 3
+    # Shards 0 and 1's pods are garbage-collected; shard 2 finishes.
+    last = [pod("sample", 2, report=shard_report(2, rhat=1.001, ess=900, divergences=4, seconds=90))]
+    result = plan(fit, {**jobs, "sample": job("sample", "Complete", succeeded=3)}, last, NOW, CONFIG)
+    expected = {"rhatMax": 1.02, "essBulkMin": 499, "divergences": 7, "slowestShardSeconds": 90,
+                "step": "sample", "indexes": "0-2"}
+    assert result.state["diagnostics"] == expected
+    # Seen again (every pod back, as after a relist), no shard counts twice.
+    again = plan(state_after(fit, result), {**jobs, "sample": job("sample", "Complete", succeeded=3)},
+                 [*first, *last], NOW, CONFIG)
+    assert again.state["diagnostics"] == expected
+
+
+def test_retries_are_a_counter_that_pods_disappearing_never_decreases():
+    fit = make_fit(status={"phase": "Sampling", "startTime": "2026-01-01T00:01:00Z"})
+    jobs = {"partition": job("partition", "Complete"), "sample": job("sample", active=2, succeeded=1)}
+    pods = [pod("sample", 0),
+            pod("sample", 1, "Failed", exit_code=1), pod("sample", 1, "Running", attempt=1),
+            pod("sample", 2, "Failed", disrupted=True), pod("sample", 2, "Running", attempt=1),
+            pod("partition", phase="Failed"), pod("partition", attempt=1)]  # not a shard's
+    fit = state_after(fit, plan(fit, jobs, pods, NOW, CONFIG))
+    assert fit["status"]["retries"] == {"total": 2, "steps": {"sample": 2}}
+    # The failed pods are deleted (pod garbage collection): the count stays.
+    survivors = [p for p in pods if p.phase != "Failed"]
+    assert plan(fit, jobs, survivors, NOW, CONFIG).state["retries"] == {"total": 2, "steps": {"sample": 2}}
+    # The Job's counter tells of failed pods no longer there (two beyond the one index failed for good).
+    counted = {**jobs, "sample": job("sample", active=1, succeeded=1, failed_indexes=1, failed=4)}
+    assert plan(fit, counted, survivors, NOW, CONFIG).state["retries"] == {"total": 3, "steps": {"sample": 3}}

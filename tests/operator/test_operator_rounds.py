@@ -300,3 +300,24 @@ def test_a_one_shard_ep_fit_is_one_shot():
     result = plan(fit, {"partition": job("partition", "Complete")}, [], NOW, CONFIG)
     assert [m["metadata"]["name"] for m in result.create] == ["fvc-shards"]
     assert "rounds" not in result.state
+
+
+def test_diagnostics_follow_the_round_in_progress_once_it_reports_and_outlive_its_pods():
+    """A round's diagnostics replace the round before's with its first report (none is mixed in);
+    the round before's pods being gone changes nothing, and a round counts each shard once."""
+    walk = Walk(ep_fit()).run(THREE_ROUNDS, stop_before="round-2")
+    jobs, pods, _, _ = walk.passes[-1]
+    fit = walk.fit
+    round_1 = fit["status"]["diagnostics"]
+    assert (round_1["step"], round_1["indexes"], round_1["rhatMax"]) == ("round-1", "0-2", pytest.approx(1.01))
+    jobs = {**jobs, "round-2": job("round-2", active=3)}
+    gone = [p for p in pods if p.step != "round-1"]  # the garbage collector took round 1's pods
+    started = plan(fit, jobs, gone, NOW, CONFIG)
+    assert started.state["diagnostics"] == round_1
+    first = [pod("round-2", 1, report=round_report(2, 1, rhat=1.05, divergences=2))]
+    fit = {**fit, "status": plan(fit, jobs, [*gone, *first], NOW, CONFIG).state}
+    assert fit["status"]["diagnostics"] == {"step": "round-2", "indexes": "1", "rhatMax": 1.05, "essBulkMin": 900.0,
+                                            "divergences": 2, "slowestShardSeconds": 30.0}
+    rest = [pod("round-2", k, report=round_report(2, k, divergences=1)) for k in (0, 2)]
+    done = plan(fit, {**jobs, "round-2": job("round-2", "Complete", succeeded=3)}, [*gone, *first, *rest], NOW, CONFIG)
+    assert done.state["diagnostics"]["divergences"] == 4 and done.state["diagnostics"]["indexes"] == "0-2"
