@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, children
+from .leadership import Timing
 
 # Volume types a runner pod's volume may never be, whatever the policy says: a hostPath mounts the node.
 FORBIDDEN_VOLUMES = ("hostPath",)
@@ -68,6 +69,16 @@ class Config:
     # fails with the block's reason: long enough for a cluster autoscaler to add a GPU node.
     blocked_grace_seconds: float = 600.0
     policy: Policy = field(default_factory=Policy)
+    # Leader election (operator/leadership.py): of the replicas, only the holder of this Lease
+    # reconciles. Off: this process reconciles alone (one replica, replaced with Recreate).
+    leader_election: bool = False
+    lease_name: str = "consensusfit-operator"
+    lease_namespace: str = "default"  # the chart sets the operator's own namespace
+    lease_seconds: float = Timing.lease_seconds  # client-go's leaseDuration, renewDeadline, retryPeriod
+    renew_deadline_seconds: float = Timing.renew_deadline_seconds
+    retry_seconds: float = Timing.retry_seconds
+    # /readyz: ready once the reconcile loop runs (leader or warm follower).
+    readiness_port: int = 8082
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -82,4 +93,11 @@ class Config:
             namespaces=tuple(filter(None, env.get("CONSENSUSFIT_WATCH_NAMESPACES", "").split(","))),
             blocked_grace_seconds=float(env.get("CONSENSUSFIT_BLOCKED_GRACE_SECONDS", defaults.blocked_grace_seconds)),
             policy=Policy.from_json(env.get("CONSENSUSFIT_RUNNER_POLICY", "{}")),
+            leader_election=env.get("CONSENSUSFIT_LEADER_ELECTION", "false").lower() == "true",
+            lease_name=env.get("CONSENSUSFIT_LEASE_NAME", defaults.lease_name),
+            lease_namespace=env.get("CONSENSUSFIT_LEASE_NAMESPACE", defaults.lease_namespace),
+            lease_seconds=float(env.get("CONSENSUSFIT_LEASE_SECONDS", defaults.lease_seconds)),
+            renew_deadline_seconds=float(env.get("CONSENSUSFIT_RENEW_DEADLINE_SECONDS", defaults.renew_deadline_seconds)),
+            retry_seconds=float(env.get("CONSENSUSFIT_RETRY_SECONDS", defaults.retry_seconds)),
+            readiness_port=int(env.get("CONSENSUSFIT_READINESS_PORT", defaults.readiness_port)),
         )

@@ -6,6 +6,8 @@
   so no fit is planned from a partial view of its children. It forgets deleted fits (and their metrics).
 - One loop, started with the operator, reconciles every known fit each `resync_seconds`: it reads
   the fit's children from the indexes, plans, applies the plan, writes the status and posts the events.
+  With leader election (operator/leadership.py) it does so only while this replica holds the Lease;
+  a follower's loop idles with its indexes and fits kept warm by the same watches.
   Not a kopf timer or daemon: those put a finalizer on every fit, and a finalizer outlives an
   uninstalled operator, blocking the deletion of fits, their namespaces and the CRD.
 The operator writes only its children, the fit's status and Events; never the spec, and no finalizer
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +27,7 @@ from typing import Any
 import kopf
 from kubernetes.client import ApiClient
 
-from . import observe, planner
+from . import leadership, observe, planner
 from .children import GROUP, VERSION
 from .config import Config
 from .kube import PLURAL, Kube
@@ -32,13 +35,16 @@ from .labels import FIT
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
-_RECONCILER = "reconciler"  # the loop's task in the operator's memo
+_RECONCILER = "reconciler"  # the loop's tasks (reconcile; elect) in the operator's memo
 
 
 def register(
-    registry: kopf.OperatorRegistry, config: Config, api: ApiClient, metrics: Metrics
+    registry: kopf.OperatorRegistry, config: Config, api: ApiClient, metrics: Metrics,
+    replica: leadership.Replica | None = None,
 ) -> kopf.OperatorRegistry:
-    """Declare the handlers on `registry` (tests pass their own, with their own config)."""
+    """Declare the handlers on `registry` (tests pass their own, with their own config). With a
+    `replica` that has an elector, the loop reconciles only while it holds the Lease."""
+    replica = replica or leadership.Replica()
     kube = Kube(api)
     ours = {FIT: kopf.PRESENT}
     fits: dict[tuple[str, str], dict] = {}  # (namespace, name) -> the fit as last seen
@@ -90,21 +96,51 @@ def register(
             except Exception:  # one fit's failure (the API refusing a patch) must not stall the others
                 log.exception("reconciling %s/%s", fit["metadata"]["namespace"], fit["metadata"]["name"])
 
+    passing = threading.Lock()  # held by a pass in flight: the Lease is released only after it
+
+    def reconcile_if_leading(jobs: kopf.Index, pods: kopf.Index) -> None:
+        with passing:
+            if replica.leading():
+                reconcile_all(jobs, pods)
+
     async def reconcile_forever(jobs: kopf.Index, pods: kopf.Index) -> None:
-        while True:
-            # The Kubernetes client blocks: off the event loop that runs kopf's watches.
-            await asyncio.to_thread(reconcile_all, jobs, pods)
-            await asyncio.sleep(config.resync_seconds)
+        try:
+            while True:
+                # The Kubernetes client blocks: off the event loop that runs kopf's watches.
+                await asyncio.to_thread(reconcile_if_leading, jobs, pods)
+                replica.running.set()
+                await asyncio.sleep(config.resync_seconds)
+        finally:
+            replica.running.clear()
+
+    async def elect_forever(elector: leadership.Elector) -> None:
+        try:
+            while True:
+                metrics.leader.set(await asyncio.to_thread(elector.attempt))
+                await asyncio.sleep(elector.timing.retry_seconds)
+        finally:
+            replica.running.clear()
+
+    def release(elector: leadership.Elector) -> None:
+        with passing:
+            elector.release()
+        metrics.leader.set(0)
 
     @kopf.on.startup(registry=registry)
     async def start_reconciling(memo: kopf.Memo, fit_jobs: kopf.Index, fit_pods: kopf.Index, **_: Any) -> None:
-        memo[_RECONCILER] = asyncio.create_task(reconcile_forever(fit_jobs, fit_pods))
+        memo[_RECONCILER] = [asyncio.create_task(reconcile_forever(fit_jobs, fit_pods))]
+        if replica.elector is None:
+            metrics.leader.set(1)
+        else:
+            memo[_RECONCILER].append(asyncio.create_task(elect_forever(replica.elector)))
 
     @kopf.on.cleanup(registry=registry)
     async def stop_reconciling(memo: Mapping[str, Any], **_: Any) -> None:
-        task = memo[_RECONCILER]
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in memo[_RECONCILER]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if replica.elector is not None:  # a rolling update hands over now, not after a lease duration
+            await asyncio.to_thread(release, replica.elector)
 
     return registry

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -129,6 +129,10 @@ class Metrics:
             "From a Job's creation to its pod running (a retried pod: from its own creation).",
             ["namespace", "fit"], buckets=_SHORT, registry=self.registry)
         self.registry.register(_FitCollector(self._fits))
+        self.leader = Gauge(
+            "consensusfit_operator_leader",
+            "1 on the replica that reconciles (the Lease holder; the only one without leader election), else 0.",
+            registry=self.registry)
 
     def record(
         self, namespace: str, name: str, plan: Plan, jobs: Mapping[str, JobView], pods: Sequence[PodView]
