@@ -470,19 +470,22 @@ def _suspension(
 
 @dataclass(frozen=True)
 class Queueing:
-    """The Queued condition in this pass, and the seconds of a queue's hold that ended in it."""
+    """The Queued condition in this pass, and how long queues held the fit's Jobs since startTime."""
 
     conditions: list[dict]
+    recorded: int | None  # status.queuedSeconds: the holds that ended
+    waited: float  # those and the hold in progress: what the deadline leaves out
     events: tuple[Event, ...] = ()
-    ended: float = 0.0  # to add to status.queuedSeconds
 
 
 def _queued(
-    unfinished: Sequence[JobView], conditions: list[dict], start: datetime | None, now: datetime
+    unfinished: Sequence[JobView], conditions: list[dict], recorded: int | None, start: datetime | None,
+    now: datetime,
 ) -> Queueing:
     """The Queued condition: True while one of the fit's running Jobs is suspended by someone else
     than the fit (Kueue suspends a Job labelled with a queue until it admits it), False with reason
-    Admitted once none is. A Normal event at each change."""
+    Admitted once none is, with a Normal event at each change. A hold that ends adds its seconds
+    to `recorded`; derived from the status alone, so a restarted operator counts on where it was."""
     old = find(conditions, QUEUED)
     was_queued = old is not None and old["status"] == "True"
     held = [job for job in unfinished if job.suspended and not job.suspended_by_fit]
@@ -493,13 +496,15 @@ def _queued(
         message = f"Job {job.name} waits {where}: its pods start once it is admitted"
         message += f" (and {len(held) - 1} more)" if len(held) > 1 else ""
         conditions = set_condition(conditions, QUEUED, True, reason, message, now)
-        return Queueing(conditions, () if was_queued else (Event("Normal", reason, message),))
+        waited = (recorded or 0) + _hold(find(conditions, QUEUED), start, now)
+        return Queueing(conditions, recorded, waited, () if was_queued else (Event("Normal", reason, message),))
     if not was_queued:
-        return Queueing(conditions)
+        return Queueing(conditions, recorded, recorded or 0)
     ended = _hold(old, start, now)
+    recorded = int((recorded or 0) + ended) or None
     message = f"admitted after {ended:g} s in the queue"
-    return Queueing(set_condition(conditions, QUEUED, False, "Admitted", message, now),
-                    (Event("Normal", "Admitted", message),), ended)
+    return Queueing(set_condition(conditions, QUEUED, False, "Admitted", message, now), recorded, recorded or 0,
+                    (Event("Normal", "Admitted", message),))
 
 
 def _hold(queued: Mapping[str, Any] | None, start: datetime | None, now: datetime) -> float:
@@ -853,11 +858,10 @@ def plan(
             # As a Job does: the deadline counts from the resumption, queued time included.
             status["startTime"], status["queuedSeconds"] = timestamp(now), None
         start = parse_time(status.get("startTime"))
-        queueing = _queued(unfinished, suspension.conditions, start, now)
+        queueing = _queued(unfinished, suspension.conditions, status.get("queuedSeconds"), start, now)
         events += queueing.events
-        status["queuedSeconds"] = int((status.get("queuedSeconds") or 0) + queueing.ended) or None
-        queued = (status["queuedSeconds"] or 0) + _hold(find(queueing.conditions, QUEUED), start, now)
-        failure = _deadline(spec, start, queued, now) or _rejected(fit, obstacles.refused)
+        status["queuedSeconds"] = queueing.recorded
+        failure = _deadline(spec, start, queueing.waited, now) or _rejected(fit, obstacles.refused)
         progress = (Progress(phase, queueing.conditions, failure=failure) if failure
                     else _advance(fit, steps, jobs, pods, phase, queueing.conditions, now))
         wanted = children.job_name(fit["metadata"]["name"], progress.at.name) if progress.create else None
