@@ -12,6 +12,7 @@ import pytest
 import yaml
 from platform_support import CHART, DASHBOARD, ALERTS, ROOT, container_env, find, helm, render, tool
 
+from consensusfit.operator.__main__ import READINESS_PATH
 from consensusfit.operator.children import job_manifest
 from consensusfit.operator.config import Config, Policy
 
@@ -49,10 +50,10 @@ def test_helm_lint_strict(values):
 def test_defaults_render_a_restricted_operator_with_cluster_wide_rights():
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole"] * 3 + ["ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "ServiceAccount"]
+    assert kinds == ["ClusterRole"] * 3 + ["ClusterRoleBinding", "Deployment", "PodDisruptionBudget", "Role",
+                                           "RoleBinding", "Service", "ServiceAccount", "ServiceAccount"]
     (deployment,) = find(objects, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "consensusfit"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -69,7 +70,9 @@ def test_defaults_render_a_restricted_operator_with_cluster_wide_rights():
     assert config.runner_image == "ghcr.io/consensusfit/consensusfit-runner:0.1.0"
     probe = container["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert probe == {"path": "/healthz", "port": "health"} and ports == {"metrics": 8080, "health": 8081}
+    assert probe == {"path": "/healthz", "port": "health"}
+    assert ports == {"metrics": 8080, "health": 8081, "readiness": config.readiness_port}
+    assert container["readinessProbe"]["httpGet"] == {"path": READINESS_PATH, "port": "readiness"}
     (service,) = find(objects, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
@@ -82,13 +85,65 @@ def test_defaults_render_a_restricted_operator_with_cluster_wide_rights():
     assert runner_account["automountServiceAccountToken"] is False
 
 
+def test_defaults_run_two_replicas_with_leader_election_over_a_lease_in_the_release_namespace():
+    """Only the Lease's holder reconciles, so a rollout starts the new pod before it stops an old
+    one; a PodDisruptionBudget keeps a follower through node drains; the operator may create a
+    Lease in its own namespace and read and update only its own."""
+    objects = render(namespace="ops", release="cfit")
+    (deployment,) = find(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    config = Config.from_env(container_env(objects))
+    assert config.leader_election and (config.lease_namespace, config.lease_name) == ("ops", "cfit-consensusfit")
+    assert (config.lease_seconds, config.renew_deadline_seconds, config.retry_seconds) == (15, 10, 2)
+    (budget,) = find(objects, "PodDisruptionBudget")
+    assert budget["metadata"]["namespace"] == "ops" and budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"] == spec["selector"]
+    (role,) = find(objects, "Role", "cfit-consensusfit-leader-election", namespace="ops")
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [config.lease_name],
+         "verbs": ["get", "update"]},
+    ]
+    (binding,) = find(objects, "RoleBinding", "cfit-consensusfit-leader-election", namespace="ops")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cfit-consensusfit", "namespace": "ops"}]
+    assert not any("coordination.k8s.io" in rule["apiGroups"] for r in find(objects, "ClusterRole") for rule in r["rules"])
+
+
+def test_one_replica_without_leader_election_is_replaced_with_recreate_and_needs_no_lease():
+    objects = render("operator.replicas=1", "operator.leaderElection.enabled=false", "podDisruptionBudget.enabled=false")
+    (deployment,) = find(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not Config.from_env(container_env(objects)).leader_election
+    assert not find(objects, "PodDisruptionBudget") and not find(objects, "Role")
+    # The readiness probe stays: the one replica is ready once its loop runs.
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
+
+
+@pytest.mark.parametrize("values, message", [
+    (["operator.leaderElection.enabled=false"],
+     "operator.replicas > 1 needs operator.leaderElection.enabled"),
+    (["operator.replicas=1"], "podDisruptionBudget.minAvailable must be below operator.replicas"),
+    (["operator.leaderElection.renewDeadlineSeconds=15"],
+     "operator.leaderElection needs retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds"),
+    (["operator.leaderElection.retryPeriodSeconds=10"],
+     "operator.leaderElection needs retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds"),
+])
+def test_values_that_would_let_two_operators_write_or_block_every_drain_are_refused(values, message):
+    args = ["template", "x", str(CHART)] + [arg for value in values for arg in ("--set", value)]
+    result = helm(*args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
 def test_watch_namespaces_render_roles_only_in_those_namespaces():
     objects = render(*WATCHING)
     assert Config.from_env(container_env(objects)).namespaces == ("team-a", "team-b")
     (cluster_role,) = find(objects, "ClusterRole", "consensusfit")
     assert cluster_role["rules"] == [CRDS_RULE, NAMESPACES_RULE]  # read-only discovery, no fits, Jobs or pods
     for namespace in ("team-a", "team-b"):
-        (role,) = find(objects, "Role", namespace=namespace)
+        (role,) = find(objects, "Role", "consensusfit", namespace=namespace)
         assert role["rules"] == NAMESPACED_RULES
         (binding,) = find(objects, "RoleBinding", namespace=namespace)
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -155,6 +210,9 @@ def test_monitoring_is_off_by_default_and_needs_the_service():
     ("runner.podSecurityContext.runAsUser=0", "additional properties 'runAsUser' not allowed"),
     ("runner.volumes[0].name=node,runner.volumes[0].hostPath.path=/", "at '/runner/volumes/0'"),
     ("runner.imagePullSecrets[0]=registry", "at '/runner/imagePullSecrets/0'"),
+    ("operator.replicas=0", "at '/operator/replicas': minimum: got 0, want 1"),
+    ("podDisruptionBudget.minAvailable=half", "at '/podDisruptionBudget/minAvailable'"),
+    ("operator.leaderElection.leaseDuration=15", "additional properties 'leaseDuration' not allowed"),
 ])
 def test_the_schema_rejects_bad_values_with_a_clear_message(value, message):
     result = helm("template", "x", str(CHART), "--set", value, check=False)
