@@ -45,7 +45,8 @@ def register(
     """Declare the handlers on `registry` (tests pass their own, with their own config). With a
     `replica` that has an elector, the loop reconciles only while it holds the Lease."""
     replica = replica or leadership.Replica()
-    kube = Kube(api)
+    kube = Kube(api, metrics.api_request)
+    metrics.resync.set(config.resync_seconds)
     ours = {FIT: kopf.PRESENT}
     fits: dict[tuple[str, str], dict] = {}  # (namespace, name) -> the fit as last seen
     seen: dict[tuple[str, str], planner.Ledger] = {}
@@ -90,11 +91,15 @@ def register(
         metrics.record(namespace, name, result, own.jobs, list(own.pods))
 
     def reconcile_all(jobs: kopf.Index, pods: kopf.Index) -> None:
-        for fit in list(fits.values()):
-            try:
-                reconcile(fit, jobs, pods)
-            except Exception:  # one fit's failure (the API refusing a patch) must not stall the others
-                log.exception("reconciling %s/%s", fit["metadata"]["namespace"], fit["metadata"]["name"])
+        known = list(fits.values())
+        with metrics.full_pass(len(known)):
+            for fit in known:
+                try:
+                    with metrics.reconcile_duration.time():
+                        reconcile(fit, jobs, pods)
+                except Exception:  # one fit's failure (the API refusing a patch) must not stall the others
+                    metrics.reconcile_errors.inc()
+                    log.exception("reconciling %s/%s", fit["metadata"]["namespace"], fit["metadata"]["name"])
 
     passing = threading.Lock()  # held by a pass in flight: the Lease is released only after it
 

@@ -1,19 +1,25 @@
 """Prometheus metrics of the operator. Labels are bounded: namespace, fit, phase, never a shard.
 
-Two kinds of series:
+Three kinds of series:
 - histograms observed when something happens (a phase ends, a shard finishes, a pod starts),
   fed by what the planner reports as new in a pass;
 - per-fit values (phase, retries, failed shards, convergence, EP's rounds) exported from the latest
-  observed state, so they are right after an operator restart instead of starting again from zero.
+  observed state, so they are right after an operator restart instead of starting again from zero
+  (the retry counter is the planner's status.retries.total, which only grows: pods deleted after
+  they failed still count);
+- the operator's own health (consensusfit_operator_*): reconcile errors and durations, the loop's
+  queue, and every Kubernetes API request it makes. No fit or namespace label: their namespace is
+  the scrape target's, the operator's own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -23,12 +29,14 @@ from .planner import Plan, TERMINAL_PHASES
 
 _LONG = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 _SHORT = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+_FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # an API request, a fit's pass
+NO_ANSWER = "<error>"  # the code of a request that got no HTTP answer (as client-go labels it)
 
 
 @dataclass(frozen=True)
 class FitSnapshot:
     phase: str
-    retries: int  # shard pods beyond the first of each shard
+    retries: int  # status.retries.total: shard pods started again, ever (a counter)
     failed_shards: int
     diagnostics: Mapping[str, Any]
     rounds: Mapping[str, Any] | None = None  # status.rounds of an EP fit
@@ -133,6 +141,45 @@ class Metrics:
             "consensusfit_operator_leader",
             "1 on the replica that reconciles (the Lease holder; the only one without leader election), else 0.",
             registry=self.registry)
+        self.reconcile_errors = Counter(
+            "consensusfit_operator_reconcile_errors",
+            "Fit reconcile passes that raised (the fit is tried again in the next pass).",
+            registry=self.registry)
+        self.reconcile_duration = Histogram(
+            "consensusfit_operator_reconcile_duration_seconds",
+            "One fit's reconcile pass: read its children, plan, apply, write its status and events.",
+            buckets=_FAST, registry=self.registry)
+        self.queue_depth = Gauge(
+            "consensusfit_operator_queue_depth",
+            "Fits waiting for their pass: the fits the loop knew when its latest pass began.",
+            registry=self.registry)
+        self.pass_duration = Gauge(
+            "consensusfit_operator_pass_duration_seconds",
+            "How long the latest complete pass over every fit took.", registry=self.registry)
+        self.resync = Gauge(
+            "consensusfit_operator_resync_seconds",
+            "The pause between two passes (operator.resyncSeconds).", registry=self.registry)
+        self.api_duration = Histogram(
+            "consensusfit_operator_api_request_duration_seconds",
+            "Kubernetes API requests of the reconcile loop (kopf's watches not included).",
+            ["verb", "resource"], buckets=_FAST, registry=self.registry)
+        self.api_errors = Counter(
+            "consensusfit_operator_api_errors",
+            f"Kubernetes API requests answered with an HTTP error (code) or not at all ({NO_ANSWER}).",
+            ["verb", "resource", "code"], registry=self.registry)
+
+    @contextmanager
+    def full_pass(self, fits: int) -> Iterator[None]:
+        """Account a pass of the loop over `fits` fits: its queue at the start, its duration at the end."""
+        self.queue_depth.set(fits)
+        with self.pass_duration.time():
+            yield
+
+    def api_request(self, verb: str, resource: str, code: int | None, seconds: float) -> None:
+        """Account one Kubernetes API request; `code` None: no HTTP answer (connection refused, timeout)."""
+        self.api_duration.labels(verb, resource).observe(seconds)
+        if code is None or code >= 400:
+            self.api_errors.labels(verb, resource, NO_ANSWER if code is None else str(code)).inc()
 
     def record(
         self, namespace: str, name: str, plan: Plan, jobs: Mapping[str, JobView], pods: Sequence[PodView]
@@ -154,10 +201,9 @@ class Metrics:
             since = job.created if pod.uid in first and job else pod.created
             if since is not None:
                 self.queue_wait.labels(namespace, name).observe(max(0.0, (pod.started - since).total_seconds()))
-        shard_pods = [p for p in pods if samples_shards(p.step)]  # sample, or every EP round
         self._fits[namespace, name] = FitSnapshot(
             phase=state["phase"],
-            retries=len(shard_pods) - len({(p.step, p.index) for p in shard_pods}),
+            retries=state.get("retries", {}).get("total", 0),
             failed_shards=state.get("shards", {}).get("failed", 0),
             diagnostics=state.get("diagnostics", {}),
             rounds=state.get("rounds"),
