@@ -438,12 +438,33 @@ rules:
 """
 
 
+def kwok_node(name: str, *, cpu: int, memory_gi: int, pods: int, gpus: int = 0,
+              labels: dict[str, str] | None = None, taints: tuple[dict, ...] = ()) -> dict:
+    """A fake node kwok keeps Ready: a GPU node (`gpus` > 0: `nvidia.com/gpu` capacity and the GPU
+    feature discovery's label) or a CPU-only one, with further `labels` and `taints` (e.g. the
+    `nvidia.com/gpu` NoSchedule taint GPU node pools usually carry)."""
+    capacity = {"cpu": str(cpu), "memory": f"{memory_gi}Gi", "pods": str(pods)}
+    node_labels = {"kubernetes.io/hostname": name, "type": "kwok", **(labels or {})}
+    if gpus:
+        capacity["nvidia.com/gpu"] = str(gpus)
+        node_labels["nvidia.com/gpu.present"] = "true"
+    node = {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"}, "labels": node_labels},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+    if taints:
+        node["spec"] = {"taints": list(taints)}
+    return node
+
+
 class Cluster:
     """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok on 127.0.0.1.
 
     `complete_fits`: names of fits whose pods kwok completes as the runner would (scale tests);
     every other pod stays Running until someone else (the test's executor) finishes it.
-    `gpu_nodes` fake nodes, each with `gpus_per_node` `nvidia.com/gpu`.
+    `gpu_nodes` fake nodes, each with `gpus_per_node` `nvidia.com/gpu`, untainted; `add_nodes` adds
+    others (CPU-only nodes, tainted GPU nodes).
     The audit log (`audit_log`) records every request of service accounts (the operator, the
     controllers) at Metadata level, one JSON object per line.
     """
@@ -559,29 +580,27 @@ class Cluster:
         self._wait(self._nodes_ready, deadline, "kwok nodes Ready")
 
     def _nodes(self) -> dict:
-        items = []
-        for i in range(self.gpu_nodes):
-            name = f"gpu-node-{i}"
-            # Room for the chart's runner defaults (2 CPUs, 8Gi per pod) on every GPU.
-            capacity = {"cpu": str(4 * self.gpus_per_node), "memory": f"{32 * self.gpus_per_node}Gi",
-                        "pods": str(self.gpus_per_node + 16),
-                        "nvidia.com/gpu": str(self.gpus_per_node)}
-            items.append({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
-                             "labels": {"kubernetes.io/hostname": name, "type": "kwok",
-                                        "nvidia.com/gpu.present": "true"}},
-                "status": {"capacity": capacity, "allocatable": capacity},
-            })
+        # Room for the chart's runner defaults (2 CPUs, 8Gi per pod) on every GPU.
+        items = [kwok_node(f"gpu-node-{i}", cpu=4 * self.gpus_per_node, memory_gi=32 * self.gpus_per_node,
+                           pods=self.gpus_per_node + 16, gpus=self.gpus_per_node)
+                 for i in range(self.gpu_nodes)]
         return {"apiVersion": "v1", "kind": "List", "items": items}
 
+    def add_nodes(self, nodes: list[dict], timeout: float = 60.0) -> None:
+        """Create more kwok nodes (`kwok_node`) and wait until they are Ready."""
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes}))
+        names = {node["metadata"]["name"] for node in nodes}
+        self._wait(lambda: names <= self._ready_nodes(), time.monotonic() + timeout, f"nodes {sorted(names)} Ready")
+
     def _nodes_ready(self) -> bool:
-        """Every node Ready and untainted (the node lifecycle controller lifted `not-ready`)."""
+        return len(self._ready_nodes()) == self.gpu_nodes
+
+    def _ready_nodes(self) -> set[str]:
+        """The nodes Ready and without the node lifecycle controller's taints (it lifted `not-ready`)."""
         nodes = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-        ready = [n for n in nodes
-                 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
-                 and not n["spec"].get("taints")]
-        return len(ready) == self.gpu_nodes
+        return {n["metadata"]["name"] for n in nodes
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+                and not any(t["key"].startswith("node.kubernetes.io/") for t in n["spec"].get("taints", []))}
 
     def _ready(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.ca))
