@@ -147,12 +147,16 @@ def can_i(cluster: clusterlib.Cluster, installation: Installation, verb: str, re
 # ------------------------------------------------------------------------------------------
 
 class Operator:
-    """`python -m consensusfit.operator`, logged in with a ServiceAccount token (RBAC applies)."""
+    """`python -m consensusfit.operator`, logged in with a ServiceAccount token (RBAC applies).
+
+    Each start is a pod of its own: HOSTNAME `<name>-<start>`, the prefix of its identity in the
+    Lease and in its requests' user agent (so the audit log tells replicas apart).
+    """
 
     def __init__(self, cluster: clusterlib.Cluster, installation: Installation, workdir: Path,
-                 resync_seconds: float = 1.0):
+                 resync_seconds: float = 1.0, name: str = "operator"):
         self.cluster, self.installation, self.workdir = cluster, installation, Path(workdir)
-        self.resync_seconds = resync_seconds
+        self.resync_seconds, self.name = resync_seconds, name
         self.process: subprocess.Popen | None = None
         self.starts = 0
         self.kubeconfig = cluster.token_kubeconfig(
@@ -160,17 +164,20 @@ class Operator:
         self.user = f"system:serviceaccount:{installation.namespace}:{installation.service_account}"
 
     def start(self) -> Operator:
-        self.metrics_port = clusterlib.free_port()
+        self.metrics_port, self.readiness_port = clusterlib.free_port(), clusterlib.free_port()
+        self.starts += 1
+        self.hostname = f"{self.name}-{self.starts}"
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "CONSENSUSFIT_"))},
             **self.installation.env,
             "KUBECONFIG": str(self.kubeconfig),
+            "HOSTNAME": self.hostname,
             "CONSENSUSFIT_RESYNC_SECONDS": str(self.resync_seconds),
             "CONSENSUSFIT_METRICS_PORT": str(self.metrics_port),
             "CONSENSUSFIT_LIVENESS_ENDPOINT": f"http://127.0.0.1:{clusterlib.free_port()}/healthz",
+            "CONSENSUSFIT_READINESS_PORT": str(self.readiness_port),
         }
-        self.starts += 1
-        self.log = self.workdir / f"operator-{self.starts}.log"
+        self.log = self.workdir / f"{self.hostname}.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "consensusfit.operator"], env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -193,6 +200,36 @@ class Operator:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def holds(self, holder: str | None) -> bool:
+        """Whether a Lease's holderIdentity is this start's."""
+        return (holder or "").startswith(f"{self.hostname}_")
+
+    def made(self, audit_event: dict) -> bool:
+        """Whether this start sent the request (its user agent names its identity)."""
+        return f"({self.hostname}_" in audit_event.get("userAgent", "")
+
+    def ready(self) -> bool:
+        """What the chart's readiness probe asks (GET /readyz)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.readiness_port}/readyz", timeout=5) as answer:
+                return answer.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled series from its /metrics, or None."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        return next((sample.value for family in text_string_to_metric_families(text)
+                     for sample in family.samples if sample.name == name and not sample.labels), None)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
