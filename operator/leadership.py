@@ -15,7 +15,10 @@ The semantics are client-go's leaderelection (what controller-runtime operators 
 - on shutdown the holder releases the Lease (no holder, a 1 s duration), so a rolling update hands
   over at once instead of after a lease duration.
 
-`decide` and `leading` are the pure rules; `Elector` reads and writes the Lease with them.
+`decide`, `leading` and `observe` are the pure rules; `Elector` reads and writes the Lease with them.
+Leadership is checked once per reconcile pass (operator/handlers.py): a pass that began just
+before the renew deadline may finish after it, which the gap to the lease duration (5 s by
+default) leaves room for.
 """
 
 from __future__ import annotations
