@@ -116,3 +116,84 @@ def dashboard_queries(board: dict) -> list[tuple[str, str]]:
                 queries.append((panel["title"], target["expr"]))
     walk(board["panels"])
     return queries
+
+
+# --- scraping the way Prometheus Operator does ----------------------------------------------------
+
+def _label_suffix(key: str) -> str:
+    """A Kubernetes label key as Kubernetes discovery spells it in a label name (app.kubernetes.io/name ->
+    app_kubernetes_io_name)."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def _snake(key: str) -> str:
+    """A ServiceMonitor relabeling field as Prometheus spells it (sourceLabels -> source_labels)."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower()
+
+
+def endpoint_target(service: dict, deployment: dict, address: str, pod: str) -> dict:
+    """A file_sd entry for one address of the Service's Endpoints, labelled as Kubernetes discovery
+    (role endpoints) labels it: the Service's namespace, name and labels, the port's name, the pod
+    behind the address and its container. The Service must select the Deployment's pods (else its
+    Endpoints would have no address)."""
+    template = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    (container,) = template["spec"]["containers"]
+    labels = {
+        "__meta_kubernetes_namespace": service["metadata"]["namespace"],
+        "__meta_kubernetes_service_name": service["metadata"]["name"],
+        "__meta_kubernetes_endpoint_port_name": port["name"],
+        "__meta_kubernetes_endpoint_address_target_kind": "Pod",
+        "__meta_kubernetes_endpoint_address_target_name": pod,
+        "__meta_kubernetes_pod_name": pod,
+        "__meta_kubernetes_pod_container_name": container["name"],
+        "__meta_kubernetes_pod_phase": "Running",
+    }
+    for key, value in service["metadata"]["labels"].items():
+        labels[f"__meta_kubernetes_service_label_{_label_suffix(key)}"] = value
+        labels[f"__meta_kubernetes_service_labelpresent_{_label_suffix(key)}"] = "true"
+    return {"targets": [address], "labels": labels}
+
+
+def service_monitor_scrape_config(monitor: dict, targets: Path, index: int = 0) -> dict:
+    """The scrape config Prometheus Operator generates for endpoint `index` of a ServiceMonitor
+    (its promcfg.go, role endpoints): the endpoint's honorLabels, interval, timeout and path; its
+    relabelling that keeps the selected Service's port and sets the namespace, service, pod,
+    container, job and endpoint target labels; then the endpoint's own relabelings. Discovery reads
+    `targets` (file_sd, written with endpoint_target) instead of the Kubernetes API."""
+    endpoint = monitor["spec"]["endpoints"][index]
+    target_of = ["__meta_kubernetes_endpoint_address_target_kind", "__meta_kubernetes_endpoint_address_target_name"]
+    selected = [
+        {"action": "keep", "regex": f"({value});true",
+         "source_labels": [f"__meta_kubernetes_service_label_{_label_suffix(key)}",
+                           f"__meta_kubernetes_service_labelpresent_{_label_suffix(key)}"]}
+        for key, value in monitor["spec"]["selector"]["matchLabels"].items()]
+    relabel = [
+        {"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"},
+        # namespaceSelector: a namespaces filter of kubernetes_sd_configs, a keep rule here.
+        {"action": "keep", "source_labels": ["__meta_kubernetes_namespace"],
+         "regex": "|".join(monitor["spec"]["namespaceSelector"]["matchNames"])},
+        *selected,
+        {"action": "keep", "source_labels": ["__meta_kubernetes_endpoint_port_name"], "regex": endpoint["port"]},
+        {"source_labels": target_of, "separator": ";", "regex": "Node;(.*)", "replacement": "${1}", "target_label": "node"},
+        {"source_labels": target_of, "separator": ";", "regex": "Pod;(.*)", "replacement": "${1}", "target_label": "pod"},
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+        {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job", "replacement": "${1}"},
+        {"target_label": "endpoint", "replacement": endpoint["port"]},
+        *({_snake(key): value for key, value in rule.items()} for rule in endpoint.get("relabelings", [])),
+    ]
+    meta = monitor["metadata"]
+    return {
+        "job_name": f"serviceMonitor/{meta['namespace']}/{meta['name']}/{index}",
+        "honor_labels": endpoint.get("honorLabels", False),
+        "scrape_interval": endpoint["interval"],
+        "scrape_timeout": endpoint["scrapeTimeout"],
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "file_sd_configs": [{"files": [str(targets)]}],
+        "relabel_configs": relabel,
+    }

@@ -1,5 +1,9 @@
 """Alert rules and dashboard against promtool and the operator's real metrics; a real Prometheus
-server scraping the operator's /metrics while the real handlers drive a fit (against kmock)."""
+server scraping the operator's /metrics while the real handlers drive a fit (against kmock).
+
+Prometheus scrapes the way Prometheus Operator does from the chart's rendered ServiceMonitor: a
+discovered target whose relabelling attaches namespace, service, pod, job and endpoint labels
+(platform_support.service_monitor_scrape_config), not a static config."""
 
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from platform_support import (ALERTS, ROOT, alert_rules, dashboard, dashboard_queries, exported_metric_names,
-                              promql_metric_names, tool)
+from platform_support import (ALERTS, ROOT, alert_rules, dashboard, dashboard_queries, endpoint_target,
+                              exported_metric_names, find, promql_metric_names, render,
+                              service_monitor_scrape_config, tool)
 from prometheus_client import generate_latest, start_http_server
 
 from consensusfit.operator.config import Config
@@ -26,15 +31,17 @@ from consensusfit.operator.planner import plan
 
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 from cfit_support import T0, ep_fit, job, make_fit, pod, shard_report, update_report  # noqa: E402
-from test_operator_kmock import FITS, WAIT, Cluster, declare_resources, operator  # noqa: E402
+from test_operator_kmock import FITS, PODS, WAIT, Cluster, declare_resources, operator  # noqa: E402
 
-SCRAPE_JOB = "consensusfit-operator"
+SCRAPE_JOB = "consensusfit-operator"  # the job label the ServiceMonitor's relabeling sets
+OPERATOR_NAMESPACE = "consensusfit-system"  # the release's (the chart is rendered into it)
+OPERATOR_POD = "consensusfit-7d9f8c6b5-x2x4z"  # a pod of the Deployment
 
 
 def test_promtool_check_rules():
     out = subprocess.run([tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 8 rules found" in out.stdout
+    assert "SUCCESS: 11 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_fire_and_do_not_fire_every_alert():
@@ -79,6 +86,12 @@ def test_alerts_and_dashboard_name_only_metrics_the_operator_exports():
             "consensusfit_queue_wait_seconds_bucket", "consensusfit_fit_rhat_max",
             "consensusfit_fit_ess_bulk_min", "consensusfit_fit_divergences",
             "consensusfit_ep_round", "consensusfit_ep_mean_change", "consensusfit_ep_sd_change"} <= used
+    # The operator's own health: failed passes, pass time against the resync, its queue, the API.
+    assert {"consensusfit_operator_reconcile_errors_total", "consensusfit_operator_pass_duration_seconds",
+            "consensusfit_operator_resync_seconds", "consensusfit_operator_queue_depth",
+            "consensusfit_operator_reconcile_duration_seconds_bucket",
+            "consensusfit_operator_api_request_duration_seconds_bucket",
+            "consensusfit_operator_api_errors_total"} <= used
 
 
 def test_dashboard_loads_as_a_grafana_dashboard():
@@ -100,15 +113,27 @@ def test_dashboard_loads_as_a_grafana_dashboard():
 
 # --- a real Prometheus scraping the operator ---------------------------------------------------
 
-class Prometheus:
-    """`prometheus` on loopback with a 1 s scrape and rule evaluation interval, and its query API."""
+def operator_scrape_config(folder: Path, address: str, *values: str) -> dict:
+    """The scrape config Prometheus Operator makes of the chart's ServiceMonitor (rendered with
+    `values`, scraping every second) for an operator pod serving its metrics at `address`."""
+    objects = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.interval=1s",
+                     "metrics.serviceMonitor.scrapeTimeout=900ms", *values, namespace=OPERATOR_NAMESPACE)
+    (monitor,), (service,), (deployment,) = (find(objects, kind) for kind in ("ServiceMonitor", "Service", "Deployment"))
+    targets = folder / "targets.json"
+    targets.write_text(json.dumps([endpoint_target(service, deployment, address, OPERATOR_POD)]))
+    return service_monitor_scrape_config(monitor, targets)
 
-    def __init__(self, binary: str, folder: Path, target: str):
+
+class Prometheus:
+    """`prometheus` on loopback with a 1 s rule evaluation interval, the alert rules, this scrape
+    config, and its query API."""
+
+    def __init__(self, binary: str, folder: Path, scrape_config: dict):
         self.folder = folder
         config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+            "global": {"evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": SCRAPE_JOB, "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [scrape_config],
         }
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = _free_port()
@@ -181,7 +206,8 @@ async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
     url = str(kmock.url).rstrip("/")
     metrics = Metrics()
     server, _ = start_http_server(0, addr="127.0.0.1", registry=metrics.registry)
-    prometheus = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{server.server_port}")
+    prometheus = Prometheus(prometheus_binary, tmp_path,
+                            operator_scrape_config(tmp_path, f"127.0.0.1:{server.server_port}"))
     try:
         await asyncio.to_thread(prometheus.wait_ready)
         fit = make_fit()
@@ -204,6 +230,12 @@ async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
             await cluster.run_pod(shards, index=1, exit_code=1,
                                   report={"ok": False, "reason": "Error", "message": "storage unreachable"})
             await cluster.run_pod(shards, index=1, attempt=1, report=shard_report(1, rhat=1.03, ess=350, seconds=40))
+            fit_labels = '{namespace="default", fit="fvc"}'
+            retries = f"consensusfit_shard_retries_total{fit_labels}"
+            await until(lambda: value(prometheus, retries) == 1, "the retry scraped")
+            # The failed pod goes (the pod garbage collector, a user): the counter stays where it was.
+            async with http.delete(f"{PODS}/fvc-shards-1-0") as response:
+                assert response.status < 300
             await cluster.run_pod(shards, index=2, report=shard_report(2, seconds=60))
             await cluster.finish_job(shards, succeeded=3)
             await cluster.combine()
@@ -213,8 +245,8 @@ async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
             await until(lambda: value(prometheus, 'consensusfit_fits{phase="Succeeded"}') == 1, "Succeeded scraped")
             await until(lambda: value(prometheus, "consensusfit_shard_duration_seconds_count") == 3,
                         "three shard durations scraped")
-            fit_labels = '{namespace="default", fit="fvc"}'
-            assert value(prometheus, f"consensusfit_shard_retries_total{fit_labels}") == 1
+            assert value(prometheus, retries) == 1
+            assert value(prometheus, f"resets({retries}[10m])") == 0  # increase() reads no reset
             assert value(prometheus, f"consensusfit_shard_failures_total{fit_labels}") == 0
             assert value(prometheus, f"consensusfit_fit_rhat_max{fit_labels}") == 1.03
             assert value(prometheus, f"consensusfit_fit_ess_bulk_min{fit_labels}") == 350
@@ -260,6 +292,58 @@ async def test_prometheus_scrapes_the_operator_through_a_fit(kmock, tmp_path):
                 result = prometheus.query(concrete)
                 if "rate(" not in expr and "increase(" not in expr:
                     assert result, (title, concrete)
+    finally:
+        prometheus.stop()
+        server.shutdown()
+        server.server_close()
+
+
+FIT_NAMESPACE = "ml"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("honor, seen", [(True, FIT_NAMESPACE), (False, OPERATOR_NAMESPACE)])
+async def test_series_keep_the_fits_namespace_through_the_service_monitor(tmp_path, honor, seen):
+    """With the chart's default honorLabels (true) a fit's series carry the fit's namespace, which the
+    alerts' `by (namespace)` and the dashboard's namespace variable need. With false, the target's
+    namespace label (the operator's) wins and the fit's moves to exported_namespace: every fit seems
+    to live in the operator's namespace. Both are scraped here, so the test tells them apart."""
+    binary = tool("prometheus")
+    metrics = Metrics()
+    refused = {"runner": {"compilationCache": {"hostPath": {"path": "/"}}}}  # Failed at once: policy
+    for name, spec in (("bad", refused), ("fvc", {})):
+        metrics.record(FIT_NAMESPACE, name, plan(make_fit(name, FIT_NAMESPACE, **spec), {}, [], T0, Config()), {}, [])
+    metrics.reconcile_errors.inc()
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=metrics.registry)
+    address = f"127.0.0.1:{server.server_port}"
+    scrape = operator_scrape_config(tmp_path, address, f"metrics.serviceMonitor.honorLabels={str(honor).lower()}")
+    prometheus = Prometheus(binary, tmp_path, scrape)
+    try:
+        await asyncio.to_thread(prometheus.wait_ready)
+        await until(lambda: value(prometheus, f'up{{job="{SCRAPE_JOB}"}}') == 1, "the operator's target up")
+        (target,) = prometheus.api("targets")["activeTargets"]
+        assert target["labels"] == {"namespace": OPERATOR_NAMESPACE, "service": "consensusfit-metrics",
+                                    "pod": OPERATOR_POD, "container": "operator", "job": SCRAPE_JOB,
+                                    "endpoint": "metrics", "instance": address}
+        await until(lambda: prometheus.query("consensusfit_fits"), "the fits scraped")
+
+        # The dashboard's namespace variable: label_values(consensusfit_fits, namespace).
+        assert prometheus.api("label/namespace/values", **{"match[]": "consensusfit_fits"}) == [seen]
+        assert prometheus.api("label/exported_namespace/values") == ([] if honor else [FIT_NAMESPACE])
+        # Its panels, with the fit's namespace chosen, show the fits only when their namespace is kept.
+        for title, expr in dashboard_queries(dashboard()):
+            if "consensusfit_fits{" in expr:
+                assert bool(prometheus.query(expr.replace("$namespace", FIT_NAMESPACE))) == honor, title
+        # The alert rules group by namespace: the failed fit's alert names the namespace seen.
+        def failed() -> list[dict]:
+            return [a for a in prometheus.api("alerts")["alerts"]
+                    if a["labels"]["alertname"] == "ConsensusFitFailed" and a["state"] == "firing"]
+        (alert,) = await until(failed, "ConsensusFitFailed firing")
+        assert alert["labels"]["namespace"] == seen
+        # The operator's own series export no namespace: theirs is the target's, either way.
+        (errors,) = prometheus.query("consensusfit_operator_reconcile_errors_total")
+        assert errors["metric"]["namespace"] == OPERATOR_NAMESPACE and errors["metric"]["pod"] == OPERATOR_POD
     finally:
         prometheus.stop()
         server.shutdown()
