@@ -1,4 +1,5 @@
-"""Prometheus metrics of the operator. Labels are bounded: namespace, fit, phase, never a shard.
+"""Prometheus metrics of the operator. Labels are bounded: namespace, fit, phase (the API requests:
+verb, resource, code), never a shard or a pod.
 
 Three kinds of series:
 - histograms observed when something happens (a phase ends, a shard finishes, a pod starts),
