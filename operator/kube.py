@@ -1,6 +1,6 @@
-"""Carries out a plan against the Kubernetes API: create and patch Jobs, write the fit's status,
-post its Events, delete an expired fit; and reads the one thing the watches do not show, the Job
-controller's FailedCreate events.
+"""Carries out a plan against the Kubernetes API: create, patch and delete Jobs, write the fit's
+status, post its Events, delete an expired fit; and reads the one thing the watches do not show,
+the Job controller's FailedCreate events.
 
 No decisions here beyond treating "already there" and "already gone" as done, which is what makes
 a repeated plan (after a restart, from a stale view) harmless.
@@ -94,6 +94,9 @@ class Kube:
         for job, patch in plan.patch_jobs:
             self._ignoring(404, self._batch.patch_namespaced_job, job, namespace, patch,
                            _content_type="application/merge-patch+json")
+        for job in plan.delete_jobs:
+            # Background: the garbage collector deletes the pods (the API's default for a Job orphans them).
+            self._ignoring(404, self._batch.delete_namespaced_job, job, namespace, propagation_policy="Background")
         if plan.delete_fit:
             # The Jobs follow through their owner references; results in the object store stay.
             self._ignoring(404, self._custom.delete_namespaced_custom_object,

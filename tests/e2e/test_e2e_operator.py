@@ -118,7 +118,7 @@ def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, op
 
     executor.hooks[name] = fail_shard_1_once
     executor.fits.add(name)
-    apply(cluster, render_fit(name, bucket))
+    apply(cluster, render_fit(name, bucket, cleanupPolicy={"onSuccess": "Keep"}))  # its pods are looked at
 
     wait_phase(api, name, ("Sampling",), 300, operator)
     before = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
@@ -135,10 +135,13 @@ def test_fit_runs_end_to_end_through_a_retry_and_an_operator_restart(cluster, op
         "Partitioned", "Sampled", "GlobalsCombined", "GroupsResampled", "Succeeded"}
     assert status["diagnostics"]["rhatMax"] > 0
 
-    # Pods came from the Job controller, were scheduled onto the GPU nodes with one GPU each.
+    # Pods came from the Job controller and were scheduled onto the kwok nodes; only the steps that
+    # sample hold a GPU each (the chart's runner.steps), the others none.
     pods = api.pods(name)
     assert pods and all(p.spec.node_name.startswith("gpu-node-") for p in pods)
-    assert all(p.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1" for p in pods)
+    gpus = {p.metadata.labels[STEP_LABEL]: (p.spec.containers[0].resources.limits or {}).get("nvidia.com/gpu")
+            for p in pods}
+    assert gpus == {"partition": None, "sample": "1", "globals": None, "resample": "1", "combine": None}, gpus
     # Admitted under the restricted Pod Security Standard (the namespace enforces it), without an API token.
     assert api.core.read_namespace(NAMESPACE).metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
     assert all(p.spec.automount_service_account_token is False for p in pods)
@@ -471,7 +474,9 @@ def test_a_fit_applied_again_after_an_orphaning_delete_does_not_adopt_the_old_jo
     from e2e_support import REBORN_FIT, scale_manifest
 
     api, name = Api(cluster), REBORN_FIT
-    manifest = json.dumps(scale_manifest(name, 2, bucket))  # kwok completes its pods as the runner would
+    manifest = scale_manifest(name, 2, bucket)  # kwok completes its pods as the runner would
+    manifest["spec"]["cleanupPolicy"] = {"onSuccess": "Keep"}  # the Jobs stay for the next fit to find
+    manifest = json.dumps(manifest)
     apply(cluster, manifest)
     first = wait_succeeded(api, name, 300, operator)
     old_jobs = {job.metadata.name: job.metadata.uid for job in api.jobs(name)}
@@ -498,3 +503,60 @@ def test_a_fit_applied_again_after_an_orphaning_delete_does_not_adopt_the_old_jo
     assert {job.metadata.name: job.metadata.uid for job in api.jobs(name)} == old_jobs
     cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
     cluster.kubectl("delete", "jobs", "-n", NAMESPACE, "-l", f"{FIT_LABEL}={name}", "--wait=true", "--timeout=120s")
+
+
+def condition_of(api: Api, name: str, kind: str) -> dict | None:
+    return next((c for c in (api.fit(name).get("status") or {}).get("conditions", []) if c["type"] == kind), None)
+
+
+def test_a_fit_whose_job_a_queue_holds_is_queued_then_admitted_and_succeeds(cluster, operator, executor, bucket):
+    """The test plays Kueue: it suspends the partition Job of a fit whose Jobs name a LocalQueue (as
+    Kueue's webhook does at creation, or Kueue when it takes an admission back), then releases it.
+    Meanwhile the fit says Queued (not Blocked) and the operator leaves the Job suspended; once
+    released it says Admitted and the fit succeeds."""
+    api, name = Api(cluster), "queued"
+    partition = f"{name}-partition"
+    apply(cluster, render_fit(name, bucket, runner={"labels": {"kueue.x-k8s.io/queue-name": "gpus"}}))
+    wait_for(lambda: any(job.metadata.name == partition for job in api.jobs(name)), 120, "the partition Job")
+    api.batch.patch_namespaced_job(partition, NAMESPACE, {"spec": {"suspend": True}})
+
+    def queued():
+        found = condition_of(api, name, "Queued")
+        return found if found and found["status"] == "True" else None
+
+    held = wait_for(queued, 120, "the fit to say Queued")
+    assert held["reason"] == "QueuedByKueue" and "LocalQueue gpus" in held["message"], held
+    assert api.batch.read_namespaced_job(partition, NAMESPACE).spec.suspend is True  # not released behind the queue
+    blocked = condition_of(api, name, "Blocked")
+    assert blocked is None or blocked["status"] != "True", blocked
+
+    api.batch.patch_namespaced_job(partition, NAMESPACE, {"spec": {"suspend": False}})
+    admitted = wait_for(lambda: (c := condition_of(api, name, "Queued")) and c["status"] == "False" and c, 120,
+                        "the fit to say Admitted")
+    assert admitted["reason"] == "Admitted", admitted
+    executor.fits.add(name)
+    fit = wait_succeeded(api, name, 600, operator)
+    assert fit["status"]["result"]["uri"] and condition_of(api, name, "Queued")["reason"] == "Admitted"
+    events = api.core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={name}").items
+    assert {"QueuedByKueue", "Admitted"} <= {e.reason for e in events}
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")
+
+
+def test_a_succeeded_fits_jobs_and_pods_are_deleted_and_its_status_keeps_the_result(cluster, operator, executor,
+                                                                                     bucket):
+    """spec.cleanupPolicy.onSuccess Delete (the default): once the fit succeeded the operator deletes
+    its Jobs, and the controller manager's garbage collector their pods; the fit stays, its status
+    (result, diagnostics, shard counts) as it was, and its results in the object store."""
+    api, name = Api(cluster), "cleaned"
+    executor.fits.add(name)
+    apply(cluster, render_fit(name, bucket, cleanupPolicy={"onSuccess": "Delete"}))
+    done = wait_succeeded(api, name, 600, operator)["status"]
+    wait_for(lambda: not api.jobs(name) and not api.pods(name), 180, "the Jobs and their pods to be deleted")
+    status = api.fit(name)["status"]
+    assert status == done
+    assert status["diagnostics"]["rhatMax"] > 0 and status["diagnostics"]["indexes"] == "0-1"
+    assert status["shards"]["succeeded"] == 2 and set(status["result"]["parameters"]) >= {"mu", "tau", "sigma"}
+    assert any(key.endswith("combined/summary.json") for key in s3_keys(status["result"]["uri"]))
+    events = api.core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={name}").items
+    assert any(e.reason == "JobsDeleted" for e in events)
+    cluster.kubectl("delete", "consensusfit", name, "-n", NAMESPACE, "--wait=true", "--timeout=120s")

@@ -243,14 +243,24 @@ async def test_a_whole_fit_with_a_retried_shard_and_an_operator_restart(kmock):
             assert status["shards"] == {"total": 3, "active": 0, "succeeded": 3, "failed": 0}
             assert status["resample"] == {"total": 3, "active": 0, "succeeded": 3, "failed": 0}
             assert status["diagnostics"] == {"rhatMax": 1.011, "essBulkMin": 400, "divergences": 1,
-                                             "slowestShardSeconds": 50}
+                                             "slowestShardSeconds": 50, "step": "sample", "indexes": "0-2"}
+            assert status["retries"] == {"total": 1, "steps": {"sample": 1}}
             kinds = {c["type"]: c["status"] for c in status["conditions"]}
             assert kinds == {"Partitioned": "True", "Sampled": "True", "GlobalsCombined": "True",
                              "GroupsResampled": "True", "Succeeded": "True"}
             assert done["spec"] == fit["spec"]  # never written
             assert not done["metadata"].get("finalizers")  # nothing to block a delete once we are gone
-            names = sorted(j["metadata"]["name"] for j in (await cluster.get(JOBS))["items"])
-            assert names == ["fvc-combine", "fvc-globals", "fvc-partition", "fvc-resample", "fvc-shards"]
+            # spec.cleanupPolicy's default: the next pass deletes the Jobs, their pods going with them
+            # (background propagation: the API server's garbage collector); the status stays.
+            async def jobs_deleted():
+                return not (await cluster.get(JOBS))["items"]
+            await cluster.wait(jobs_deleted)
+            deletes = [r for r in kmock[kmocklib.resource("batch/v1/jobs")] if r.method == kmocklib.method.DELETE]
+            assert {r.url.name for r in deletes} == {"fvc-combine", "fvc-globals", "fvc-partition", "fvc-resample",
+                                                     "fvc-shards"}
+            assert {r.params.get("propagationPolicy") for r in deletes} == {"Background"}
+            await asyncio.sleep(1.0)  # passes without the Jobs (every 0.2 s)
+            assert (await cluster.get(f"{FITS}/fvc"))["status"] == status
             reasons = {e["reason"] for e in posted_events(kmock)}
             assert {"Partitioning", "Sampling", "Combining", "Succeeded", "PodFailed"} <= reasons
 

@@ -28,7 +28,7 @@ NAMESPACED_RULES = [
      "verbs": ["get", "list", "watch", "patch", "delete"]},
     {"apiGroups": ["consensusfit.dev"], "resources": ["consensusfits/status"], "verbs": ["get", "patch"]},
     {"apiGroups": ["consensusfit.dev"], "resources": ["consensusfits/finalizers"], "verbs": ["update"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
