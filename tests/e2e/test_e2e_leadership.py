@@ -57,7 +57,7 @@ def test_the_follower_takes_over_when_the_leader_dies_mid_fit_and_no_job_is_crea
         assert operator.holds(holder())
 
         executor.fits.add(name)
-        apply(cluster, render_fit(name, bucket))
+        apply(cluster, render_fit(name, bucket, cleanupPolicy={"onSuccess": "Keep"}))  # its Jobs are counted
         wait_phase(api, name, ("Sampling",), 300, follower)
         leader = operator.hostname
         killed = datetime.now(UTC)

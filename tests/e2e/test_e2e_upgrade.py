@@ -80,6 +80,9 @@ def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fres
         assert _schema(crd()) == _schema(chart_crd), "the CRD in the cluster is not the new chart's"
         # The fit stored under the previous schema is still valid under the new one: an update passes.
         cluster.kubectl("annotate", CRD, name, "-n", NAMESPACE, "consensusfit.dev/upgraded=true")
+        # A field the previous schema pruned: its Jobs stay after it succeeded, to be counted below.
+        cluster.kubectl("patch", CRD, name, "-n", NAMESPACE, "--type=merge",
+                        "-p", json.dumps({"spec": {"cleanupPolicy": {"onSuccess": "Keep"}}}))
         after = Operator(cluster, upgraded, tmp_path / "upgraded").start()
         try:
             done = wait_for(lambda: fit() if fit().get("status", {}).get("phase") in ("Succeeded", "Failed") else None,
