@@ -726,24 +726,35 @@ def _blocked(found: Sequence[Block], conditions: list[dict], now: datetime, grac
     return Blocking(conditions, events, Failure(first.reason, f"blocked for more than {grace:g} s: {message}"))
 
 
-def _admission(fit: Mapping[str, Any], config: Config, step: str) -> Failure | None:
-    """What the cluster admin's policy (config.Policy) forbids the fit's next Job (of `step`): checked
-    at every create, since spec.runner may change mid-fit. The operator's own runner defaults always pass."""
-    policy, spec = config.policy, fit["spec"]
-    runner = children.runner_settings(fit, config.runner_defaults, step)
-    if "python" in spec["model"] and not policy.python_models:
+def _admission(fit: Mapping[str, Any], config: Config) -> Failure | None:
+    """What the cluster admin's policy (config.Policy) forbids the fit's Jobs: checked at every create,
+    since spec.runner may change mid-fit, and for every step the fit has, so that a step refused
+    later (a combine image) fails the fit before its shards spend GPU hours."""
+    if "python" in fit["spec"]["model"] and not config.policy.python_models:
         return Failure("PythonModelsDisabled", "Python model files are trusted code, and this operator runs "
                        "none (runner.policy.pythonModels is false): write the model as spec.model.formula")
-    image = runner.get("image") or config.runner_image
-    if image != config.runner_image and not any(fnmatchcase(image, pattern) for pattern in policy.images):
-        return Failure("ImageNotAllowed", f"spec.runner.image {image} is not allowed: only {config.runner_image}"
+    for step in dict.fromkeys(children.settings_step(step) for step in children.steps(fit)):
+        if failure := step_admission(fit, config, step):
+            return failure
+    return None
+
+
+def step_admission(fit: Mapping[str, Any], config: Config, step: str) -> Failure | None:
+    """What the admin's policy forbids the pods of one step. What the operator's own runner defaults
+    give the step (its image, its ServiceAccount) always passes."""
+    policy = config.policy
+    runner = children.runner_settings(fit, config.runner_defaults, step)
+    own = children.runner_settings({"spec": {}}, config.runner_defaults, step)
+    image, own_image = runner.get("image") or config.runner_image, own.get("image") or config.runner_image
+    if image != own_image and not any(fnmatchcase(image, pattern) for pattern in policy.images):
+        return Failure("ImageNotAllowed", f"{step}: spec.runner.image {image} is not allowed: only {own_image}"
                        f"{''.join(f', {p}' for p in policy.images)} (runner.policy.images)")
     account = runner.get("serviceAccountName")
-    if account and account != config.runner_defaults.get("serviceAccountName") and account not in policy.service_accounts:
-        return Failure("ServiceAccountNotAllowed", f"spec.runner.serviceAccountName {account} is not allowed: "
-                       f"only {list(policy.service_accounts)} (runner.policy.serviceAccounts)")
+    if account and account != own.get("serviceAccountName") and account not in policy.service_accounts:
+        return Failure("ServiceAccountNotAllowed", f"{step}: spec.runner.serviceAccountName {account} is not "
+                       f"allowed: only {list(policy.service_accounts)} (runner.policy.serviceAccounts)")
     if refusal := children.volume_refusal(runner, policy.allowed_volumes):
-        return Failure("VolumeNotAllowed", refusal)
+        return Failure("VolumeNotAllowed", f"{step}: {refusal}")
     return None
 
 
@@ -868,7 +879,7 @@ def plan(
         found = blocks(fit, jobs, pods, obstacles, wanted)
         blocking = _blocked(found, progress.conditions, now, config.blocked_grace_seconds)
         events += blocking.events
-        failure = progress.failure or blocking.failure or (_admission(fit, config, progress.at.name) if progress.create else None)
+        failure = progress.failure or blocking.failure or (_admission(fit, config) if progress.create else None)
         progress = dataclasses.replace(progress, conditions=blocking.conditions, failure=failure,
                                        create=progress.create and not failure)
         if progress.create and not any(block.reason == NAME_TAKEN for block in found):

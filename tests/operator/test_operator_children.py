@@ -271,18 +271,18 @@ ADMIN = Config(runner_image="runner:test", policy=Policy())
 
 
 def _refusal(step: str, config: Config = ADMIN, **runner):
-    failure = planner._admission(make_fit(runner=runner), config, step)
+    failure = planner.step_admission(make_fit(runner=runner), config, step)
     return failure and (failure.reason, failure.message)
 
 
 def test_a_volume_named_as_the_operators_own_or_on_the_node_is_refused_for_its_step():
     reason, message = _refusal("combine", volumes=[{"name": "scratch", "emptyDir": {}}])
     assert reason == "VolumeNotAllowed"
-    assert message == ("spec.runner.volumes may not be named scratch: the operator's own volumes are "
+    assert message == ("combine: spec.runner.volumes may not be named scratch: the operator's own volumes are "
                        "scratch, compilation-cache")
     host = {"steps": {"partition": {"volumes": [{"name": "node", "hostPath": {"path": "/"}}]}}}
     reason, message = _refusal("partition", **host)
-    assert reason == "VolumeNotAllowed" and message.startswith("spec.runner.volumes[node] may not be a hostPath volume")
+    assert reason == "VolumeNotAllowed" and message.startswith("partition: spec.runner.volumes[node] may not be a hostPath volume")
     assert _refusal("combine", **host) is None  # another step's volume is that step's business
     anything = Config(runner_image="runner:test", policy=Policy(volume_types=("hostPath", "configMap")))
     assert _refusal("partition", anything, **host)[0] == "VolumeNotAllowed"  # never, whatever the policy says

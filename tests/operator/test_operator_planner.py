@@ -769,17 +769,29 @@ def test_admission_refuses_a_fit_outside_the_admins_policy_before_any_job(spec, 
 
 @pytest.mark.parametrize("spec", ALLOWED)
 def test_admission_allows_the_operators_defaults_and_what_the_policy_lists(spec):
-    assert planner._admission(make_fit(**spec), POLICY, "sample") is None
+    assert planner._admission(make_fit(**spec), POLICY) is None
+
+
+def test_admission_checks_every_step_before_the_first_job():
+    """A step refused later (here combine's image) fails the fit before partition runs, let alone its shards."""
+    fit = make_fit(runner={"steps": {"combine": {"image": "evil/miner:latest"}}})
+    result = plan(fit, {}, [], NOW, POLICY)
+    assert result.create == () and result.state["phase"] == "Failed"
+    assert condition(result, "Failed")["message"].startswith("combine: spec.runner.image evil/miner:latest is not allowed")
+    # What the operator's own defaults give a step passes, per step too.
+    per_step = dataclasses.replace(POLICY, runner_defaults={"steps": {"combine": {"serviceAccountName": "big-memory"}}})
+    assert planner._admission(make_fit(runner={"steps": {"combine": {"serviceAccountName": "big-memory"}}}), per_step) is None
+    assert planner._admission(make_fit(runner={"serviceAccountName": "big-memory"}), per_step).reason == "ServiceAccountNotAllowed"
 
 
 def test_admission_never_allows_host_path_and_can_refuse_python_models():
     anything = dataclasses.replace(POLICY, policy=dataclasses.replace(POLICY.policy, volume_types=("hostPath",)))
-    assert planner._admission(make_fit(runner={"compilationCache": {"hostPath": {"path": "/"}}}), anything, "sample").reason == "VolumeNotAllowed"
+    assert planner._admission(make_fit(runner={"compilationCache": {"hostPath": {"path": "/"}}}), anything).reason == "VolumeNotAllowed"
     python = make_fit(model={"python": {"uri": "s3://b/m.py", "function": "model"}})
-    assert planner._admission(python, POLICY, "sample") is None
+    assert planner._admission(python, POLICY) is None
     no_code = dataclasses.replace(POLICY, policy=dataclasses.replace(POLICY.policy, python_models=False))
-    assert planner._admission(python, no_code, "sample").reason == "PythonModelsDisabled"
-    assert "trusted code" in planner._admission(python, no_code, "sample").message
+    assert planner._admission(python, no_code).reason == "PythonModelsDisabled"
+    assert "trusted code" in planner._admission(python, no_code).message
 
 
 def test_runner_pods_get_no_service_account_token_unless_asked():
