@@ -107,6 +107,9 @@ def register(
         with passing:
             if replica.leading():
                 reconcile_all(jobs, pods)
+            else:  # the leader exports the fits' series; a replica that lost the Lease drops its stale ones
+                for namespace, name in list(fits):
+                    metrics.forget(namespace, name)
 
     async def reconcile_forever(jobs: kopf.Index, pods: kopf.Index) -> None:
         try:

@@ -35,6 +35,7 @@ from prometheus_client import generate_latest
 from consensusfit.operator.children import job_manifest
 from consensusfit.operator.config import Config
 from consensusfit.operator.handlers import register
+from consensusfit.operator.leadership import Replica, Timing
 from consensusfit.operator.metrics import Metrics
 
 NS = "default"
@@ -67,7 +68,7 @@ def posted_events(server: kmocklib.KubernetesEmulator) -> list[dict]:
 
 
 @contextlib.asynccontextmanager
-async def operator(url: str, metrics: Metrics, **config: object):
+async def operator(url: str, metrics: Metrics, replica: Replica | None = None, **config: object):
     """One operator process: the real handlers, logged in to the mock server, run in this loop."""
     registry = kopf.OperatorRegistry()
 
@@ -76,7 +77,7 @@ async def operator(url: str, metrics: Metrics, **config: object):
         return kopf.ConnectionInfo(server=url, default_namespace=NS)
 
     register(registry, Config(resync_seconds=0.2, runner_image="runner:test", **config),
-             ApiClient(Configuration(host=url)), metrics)
+             ApiClient(Configuration(host=url)), metrics, replica)
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True  # no CRD or namespace watching in the mock
     settings.watching.server_timeout = 10
@@ -420,3 +421,54 @@ async def test_a_fit_outside_the_admins_policy_is_refused_before_any_job(kmock):
         reason = next(c["reason"] for c in failed["status"]["conditions"] if c["type"] == "Failed")
         assert reason == "VolumeNotAllowed"
         assert (await cluster.get(JOBS))["items"] == []
+
+
+class SwitchedElector:
+    """An elector whose leadership the test decides (the Lease itself is tested against the real
+    API server in tests/e2e/test_e2e_leadership.py)."""
+
+    timing = Timing(lease_seconds=3.0, renew_deadline_seconds=2.0, retry_seconds=0.1)
+
+    def __init__(self) -> None:
+        self.holds = True
+
+    def leading(self) -> bool:
+        return self.holds
+
+    def attempt(self) -> bool:
+        return self.holds
+
+    def release(self) -> None:
+        self.holds = False
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(600)
+async def test_a_replica_that_loses_the_lease_stops_writing_and_drops_its_fits_series(kmock):
+    """Only the leader exports a fit's series: a replica that lost the Lease would otherwise go on
+    serving stale ones beside the new leader's, and every `sum by (namespace)` would count the fit twice."""
+    elector, metrics = SwitchedElector(), Metrics()
+
+    def exported() -> str:
+        return generate_latest(metrics.registry).decode()
+
+    async with fit_posted(kmock, make_fit()) as (url, cluster):
+        async with operator(url, metrics, Replica(elector)):
+            await cluster.phase("Partitioning")
+            assert 'consensusfit_fits{namespace="default",phase="Partitioning"} 1.0' in exported()
+            assert "consensusfit_operator_leader 1.0" in exported()
+            elector.holds = False
+
+            async def dropped():
+                return 'fit="fvc"' not in exported() and "consensusfit_operator_leader 0.0" in exported()
+            await cluster.wait(dropped)
+            seen = len(list(kmock))  # requests so far: after `dropped`, no pass of this replica leads
+            await cluster.run_pod(await cluster.job("fvc-partition"), report={"ok": True, "rows": 1549, "groups": 176})
+            await cluster.finish_job(await cluster.job("fvc-partition"), succeeded=1)
+            await asyncio.sleep(1.0)  # five resyncs of a replica that does not lead
+            fit = await cluster.get(f"{FITS}/fvc")
+            assert fit["status"]["phase"] == "Partitioning"  # nobody planned the next step
+            assert await cluster.get(f"{JOBS}/fvc-shards") is None
+            writes = [r for r in list(kmock)[seen:] if r.method != kmocklib.method.GET
+                      and ("consensusfits" in r.url.path or "/events" in r.url.path)]  # the test writes only pods and Jobs
+            assert not writes, writes
