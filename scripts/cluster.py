@@ -302,7 +302,7 @@ def _kwok_stages(complete_fits: tuple[str, ...]) -> str:
     termination message the runner would have written for their step (docs/contract.md).
     Deleted pods are removed (there is no kubelet to do it).
     """
-    stages = f"""
+    stages = """
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokConfiguration
 options:
@@ -316,66 +316,66 @@ options:
 ---
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
-metadata: {{name: node-ready}}
+metadata: {name: node-ready}
 spec:
-  resourceRef: {{apiGroup: v1, kind: Node}}
+  resourceRef: {apiGroup: v1, kind: Node}
   selector:
     matchExpressions:
-    - {{key: '.status.conditions.[] | select( .type == "Ready" ) | .status', operator: NotIn, values: ["True"]}}
+    - {key: '.status.conditions.[] | select( .type == "Ready" ) | .status', operator: NotIn, values: ["True"]}
   next:
     statusTemplate: |
-      {{{{ $now := Now }}}}
+      {{ $now := Now }}
       conditions:
-      - {{type: Ready, status: "True", reason: KubeletReady, message: "kwok node", lastHeartbeatTime: {{{{ $now | Quote }}}}, lastTransitionTime: {{{{ $now | Quote }}}}}}
+      - {type: Ready, status: "True", reason: KubeletReady, message: "kwok node", lastHeartbeatTime: {{ $now | Quote }}, lastTransitionTime: {{ $now | Quote }}}
       addresses:
-      - {{type: InternalIP, address: {{{{ NodeIP | Quote }}}}}}
-      - {{type: Hostname, address: {{{{ NodeName | Quote }}}}}}
+      - {type: InternalIP, address: {{ NodeIP | Quote }}}
+      - {type: Hostname, address: {{ NodeName | Quote }}}
       allocatable:
-      {{{{ YAML .status.allocatable 1 }}}}
+      {{ YAML .status.allocatable 1 }}
       capacity:
-      {{{{ YAML .status.capacity 1 }}}}
-      nodeInfo: {{architecture: amd64, operatingSystem: linux, kubeletVersion: kwok, containerRuntimeVersion: kwok}}
+      {{ YAML .status.capacity 1 }}
+      nodeInfo: {architecture: amd64, operatingSystem: linux, kubeletVersion: kwok, containerRuntimeVersion: kwok}
       phase: Running
 ---
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
-metadata: {{name: pod-running}}
+metadata: {name: pod-running}
 spec:
-  resourceRef: {{apiGroup: v1, kind: Pod}}
+  resourceRef: {apiGroup: v1, kind: Pod}
   selector:
     matchExpressions:
-    - {{key: .metadata.deletionTimestamp, operator: DoesNotExist}}
-    - {{key: .status.phase, operator: In, values: [Pending]}}
+    - {key: .metadata.deletionTimestamp, operator: DoesNotExist}
+    - {key: .status.phase, operator: In, values: [Pending]}
   next:
     statusTemplate: |
-      {{{{ $now := Now }}}}
+      {{ $now := Now }}
       conditions:
-      - {{type: Initialized, status: "True", lastTransitionTime: {{{{ $now | Quote }}}}}}
-      - {{type: Ready, status: "True", lastTransitionTime: {{{{ $now | Quote }}}}}}
-      - {{type: ContainersReady, status: "True", lastTransitionTime: {{{{ $now | Quote }}}}}}
+      - {type: Initialized, status: "True", lastTransitionTime: {{ $now | Quote }}}
+      - {type: Ready, status: "True", lastTransitionTime: {{ $now | Quote }}}
+      - {type: ContainersReady, status: "True", lastTransitionTime: {{ $now | Quote }}}
       containerStatuses:
-      {{{{ range .spec.containers }}}}
-      - name: {{{{ .name | Quote }}}}
-        image: {{{{ .image | Quote }}}}
+      {{ range .spec.containers }}
+      - name: {{ .name | Quote }}
+        image: {{ .image | Quote }}
         ready: true
         restartCount: 0
-        state: {{running: {{startedAt: {{{{ $now | Quote }}}}}}}}
-      {{{{ end }}}}
-      hostIP: {{{{ NodeIPWith .spec.nodeName | Quote }}}}
-      podIP: {{{{ PodIPWith .spec.nodeName false .metadata.uid .metadata.name .metadata.namespace | Quote }}}}
+        state: {running: {startedAt: {{ $now | Quote }}}}
+      {{ end }}
+      hostIP: {{ NodeIPWith .spec.nodeName | Quote }}
+      podIP: {{ PodIPWith .spec.nodeName false .metadata.uid .metadata.name .metadata.namespace | Quote }}
       phase: Running
-      startTime: {{{{ $now | Quote }}}}
+      startTime: {{ $now | Quote }}
 ---
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
-metadata: {{name: pod-delete}}
+metadata: {name: pod-delete}
 spec:
-  resourceRef: {{apiGroup: v1, kind: Pod}}
+  resourceRef: {apiGroup: v1, kind: Pod}
   selector:
     matchExpressions:
-    - {{key: .metadata.deletionTimestamp, operator: Exists}}
+    - {key: .metadata.deletionTimestamp, operator: Exists}
   next:
-    finalizers: {{empty: true}}
+    finalizers: {empty: true}
     delete: true
 """
     if complete_fits:
