@@ -11,9 +11,13 @@ on them.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
-from e2e_support import GROUP, NAMESPACE, VERSION, clusterlib, wait_for
+from e2e_support import GROUP, NAMESPACE, ROOT, VERSION, clusterlib, wait_for
+
+sys.path.insert(0, str(ROOT / "tests" / "operator"))
+from cfit_support import PLATFORM_POD_SETTINGS  # noqa: E402
 
 from consensusfit.operator import children, labels
 from consensusfit.operator.config import Config
@@ -24,19 +28,9 @@ SPEC = {"data": {"uri": "s3://bucket/x/", "groupColumn": "g"}, "shards": 4,
         "model": {"formula": "y ~ 1 + (1 | g)"}, "output": {"uri": "s3://bucket/fits/"}}
 # Every pod field a platform needs, at spec.runner and for one step.
 PLATFORM = {
-    "imagePullSecrets": [{"name": "registry"}],
-    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 1, "preference": {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}}]}},
-    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                                   "whenUnsatisfiable": "ScheduleAnyway",
-                                   "labelSelector": {"matchLabels": {"consensusfit.dev/fit": "platform"}}}],
-    "podLabels": {"cost-center": "lungs"},
-    "podAnnotations": {"sidecar.istio.io/inject": "false"},
-    "runtimeClassName": "e2e-runtime",
+    **PLATFORM_POD_SETTINGS,
+    "runtimeClassName": "e2e-runtime",  # ones this control plane has
     "schedulerName": "default-scheduler",
-    "volumes": [{"name": "s3-ca", "configMap": {"name": "s3-ca-bundle"}}],
-    "volumeMounts": [{"name": "s3-ca", "mountPath": "/etc/ssl/s3", "readOnly": True}],
-    "podSecurityContext": {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch", "supplementalGroups": [2000]},
     "parallelism": 2,
     "steps": {"combine": {"resources": {"requests": {"memory": "1Gi"}}, "nodeSelector": {"pool": "cpu"}}},
 }

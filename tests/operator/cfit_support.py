@@ -140,3 +140,21 @@ def round_report(r: int, shard: int, **diagnostics: Any) -> dict:
 def update_report(r: int, final: bool, converged: bool | None = None, mean: float = 0.3, sd: float = 0.1) -> dict:
     return {"ok": True, "round": r, "converged": final if converged is None else converged, "final": final,
             "meanChange": mean, "sdChange": sd, "damping": 0.5}
+
+
+# Every pod field a platform needs (#17 item 2), as spec.runner or chart values set them.
+PLATFORM_POD_SETTINGS = {
+    "imagePullSecrets": [{"name": "registry"}],
+    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}}]}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"consensusfit.dev/fit": "fvc"}}}],
+    "podLabels": {"cost-center": "lungs"},
+    "podAnnotations": {"sidecar.istio.io/inject": "false"},
+    "runtimeClassName": "nvidia",
+    "schedulerName": "volcano",
+    "volumes": [{"name": "s3-ca", "configMap": {"name": "s3-ca-bundle"}}],
+    "volumeMounts": [{"name": "s3-ca", "mountPath": "/etc/ssl/s3", "readOnly": True}],
+    "podSecurityContext": {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch", "supplementalGroups": [2000]},
+}

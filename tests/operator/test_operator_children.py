@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cfit_support import ep_fit, make_fit, shard_report
+from cfit_support import PLATFORM_POD_SETTINGS, ep_fit, make_fit, shard_report
 
 from consensusfit.operator import children, labels, planner
 from consensusfit.operator.config import Config, Policy
@@ -221,35 +221,21 @@ def test_only_the_steps_that_sample_ask_for_a_gpu_by_default():
     assert _pod("sample", runner=cpu["spec"]["runner"])["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "0"}
 
 
-PLATFORM = {
-    "imagePullSecrets": [{"name": "registry"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}]}}},
-    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
-                                   "whenUnsatisfiable": "ScheduleAnyway",
-                                   "labelSelector": {"matchLabels": {"consensusfit.dev/fit": "fvc"}}}],
-    "podLabels": {"cost-center": "lungs"},
-    "podAnnotations": {"sidecar.istio.io/inject": "false"},
-    "runtimeClassName": "nvidia",
-    "schedulerName": "volcano",
-    "volumes": [{"name": "s3-ca", "configMap": {"name": "s3-ca-bundle"}}],
-    "volumeMounts": [{"name": "s3-ca", "mountPath": "/etc/ssl/s3", "readOnly": True}],
-    "podSecurityContext": {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch", "supplementalGroups": [2000]},
-}
+
 
 
 def test_every_pod_field_a_platform_needs_lands_on_every_steps_pod():
-    fit = ep_fit(max_rounds=1, runner=PLATFORM)
+    fit = ep_fit(max_rounds=1, runner=PLATFORM_POD_SETTINGS)
     for step in children.steps(fit):
         template = children.job_manifest(fit, step, BUILT_IN, "runner:1")["spec"]["template"]
         pod, (container,) = template["spec"], template["spec"]["containers"]
         for key in ("imagePullSecrets", "affinity", "topologySpreadConstraints", "runtimeClassName", "schedulerName"):
-            assert pod[key] == PLATFORM[key], (step, key)
+            assert pod[key] == PLATFORM_POD_SETTINGS[key], (step, key)
         assert template["metadata"]["labels"]["cost-center"] == "lungs"
         assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
-        assert pod["volumes"] == [{"name": "scratch", "emptyDir": {}}, *PLATFORM["volumes"]]
-        assert container["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}, *PLATFORM["volumeMounts"]]
-        assert pod["securityContext"] == {**PLATFORM["podSecurityContext"], "runAsNonRoot": True,
+        assert pod["volumes"] == [{"name": "scratch", "emptyDir": {}}, *PLATFORM_POD_SETTINGS["volumes"]]
+        assert container["volumeMounts"] == [{"name": "scratch", "mountPath": "/tmp"}, *PLATFORM_POD_SETTINGS["volumeMounts"]]
+        assert pod["securityContext"] == {**PLATFORM_POD_SETTINGS["podSecurityContext"], "runAsNonRoot": True,
                                           "seccompProfile": {"type": "RuntimeDefault"}}
     assert "annotations" not in _manifest("partition")["spec"]["template"]["metadata"]
 
@@ -286,7 +272,7 @@ def test_a_volume_named_as_the_operators_own_or_on_the_node_is_refused_for_its_s
     assert _refusal("combine", **host) is None  # another step's volume is that step's business
     anything = Config(runner_image="runner:test", policy=Policy(volume_types=("hostPath", "configMap")))
     assert _refusal("partition", anything, **host)[0] == "VolumeNotAllowed"  # never, whatever the policy says
-    assert _refusal("sample", volumes=PLATFORM["volumes"]) is None
+    assert _refusal("sample", volumes=PLATFORM_POD_SETTINGS["volumes"]) is None
     assert "nfs volume: only" in _refusal("sample", compilationCache={"nfs": {"server": "x", "path": "/"}})[1]
 
 

@@ -4,9 +4,13 @@ a fit, rendered with the real helm and built by the operator's own Job builder."
 from __future__ import annotations
 
 import json
+import sys
 
 import yaml
-from platform_support import CHART, container_env, helm, render
+from platform_support import CHART, ROOT, container_env, helm, render
+
+sys.path.insert(0, str(ROOT / "tests" / "operator"))
+from cfit_support import PLATFORM_POD_SETTINGS  # noqa: E402
 
 from consensusfit.operator import children
 from consensusfit.operator.config import Config
@@ -53,35 +57,22 @@ def test_a_steps_values_and_the_fits_settings_merge_in_order():
     assert pods["round-2"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
 
-PLATFORM_VALUES = {
-    "imagePullSecrets": [{"name": "registry"}],
-    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 1, "preference": {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}}]}},
-    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-                                   "whenUnsatisfiable": "ScheduleAnyway"}],
-    "podLabels": {"cost-center": "lungs"},
-    "podAnnotations": {"sidecar.istio.io/inject": "false"},
-    "runtimeClassName": "nvidia",
-    "schedulerName": "volcano",
-    "volumes": [{"name": "s3-ca", "configMap": {"name": "s3-ca-bundle"}}],
-    "volumeMounts": [{"name": "s3-ca", "mountPath": "/etc/ssl/s3", "readOnly": True}],
-    "podSecurityContext": {"fsGroup": 1000},
-}
+
 
 
 def test_the_platforms_pod_values_reach_every_steps_pods_and_a_fit_replaces_its_lists():
     args = ["template", "x", str(CHART)]
-    for key, value in PLATFORM_VALUES.items():
+    for key, value in PLATFORM_POD_SETTINGS.items():
         args += ["--set-json", f"runner.{key}={json.dumps(value)}"]
     config = Config.from_env(container_env([doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]))
     for step, template in _pods(config, _fit()).items():
         pod = template["spec"]
         for key in ("imagePullSecrets", "affinity", "topologySpreadConstraints", "runtimeClassName", "schedulerName"):
-            assert pod[key] == PLATFORM_VALUES[key], (step, key)
+            assert pod[key] == PLATFORM_POD_SETTINGS[key], (step, key)
         assert template["metadata"]["labels"]["cost-center"] == "lungs"
-        assert template["metadata"]["annotations"] == PLATFORM_VALUES["podAnnotations"]
-        assert PLATFORM_VALUES["volumes"][0] in pod["volumes"]
-        assert PLATFORM_VALUES["volumeMounts"][0] in pod["containers"][0]["volumeMounts"]
+        assert template["metadata"]["annotations"] == PLATFORM_POD_SETTINGS["podAnnotations"]
+        assert PLATFORM_POD_SETTINGS["volumes"][0] in pod["volumes"]
+        assert PLATFORM_POD_SETTINGS["volumeMounts"][0] in pod["containers"][0]["volumeMounts"]
         assert pod["securityContext"]["fsGroup"] == 1000 and pod["securityContext"]["runAsNonRoot"] is True
     own = _fit({"imagePullSecrets": [{"name": "team-a-registry"}]})
     assert _pods(config, own)["partition"]["spec"]["imagePullSecrets"] == [{"name": "team-a-registry"}]
