@@ -1,11 +1,13 @@
 """Helpers of the end-to-end tests: install the chart, run the operator as its ServiceAccount, and
 play the kubelet for runner pods (the executor).
 
-The control plane itself is `scripts/cluster.py`. There is no kubelet and no container runtime:
-kwok marks pods bound to its fake GPU nodes Running, and `Executor` runs each such pod's container
-command and environment as a local process (the runner installed in the test environment, talking
-to the S3 endpoint on loopback), then writes the pod's phase, exit code and termination message
-to the API server as a kubelet would (pods/status).
+The control plane itself is `scripts/cluster.py`. There is no kubelet: kwok marks pods bound to
+its fake GPU nodes Running, and `Executor` runs each such pod's container, then writes the pod's
+phase, exit code and termination message to the API server as a kubelet would (pods/status). It
+runs the container in its image with podman (`PodmanLaunch`, what CI runs: the images `make images`
+builds, the pod's security context and volumes, the host's network to reach the S3 endpoint on
+loopback), or as a local process of the test environment's runner (`ProcessLaunch`, the fast path:
+CONSENSUSFIT_E2E_PODS=process, or a machine without podman).
 """
 
 from __future__ import annotations
@@ -240,17 +242,18 @@ class Operator:
 # ------------------------------------------------------------------------------------------
 
 class Executor:
-    """Runs every Running pod of the fits in `fits` once, as a local process.
+    """Runs every Running pod of the fits in `fits` once, with `launch` (a ProcessLaunch or a
+    PodmanLaunch), and reports its end to the API server as a kubelet would.
 
     `hooks[fit](pod) -> dict | None` may return environment overrides for one run (to make a pod
     fail as the runner would) and may do other things first (corrupt a shard's data).
     """
 
-    def __init__(self, kubeconfig: Path, namespace: str, workdir: Path, runner: str):
+    def __init__(self, kubeconfig: Path, namespace: str, workdir: Path, launch: ProcessLaunch | PodmanLaunch):
         from kubernetes import client, config
 
         self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
-        self.namespace, self.workdir, self.runner = namespace, Path(workdir), runner
+        self.namespace, self.workdir, self.launch = namespace, Path(workdir), launch
         self.fits: set[str] = set()
         self.hooks: dict[str, Callable[[dict], dict | None]] = {}
         self.runs: list[dict] = []  # one entry per pod run: fit, step, index, exit code, message
@@ -295,14 +298,10 @@ class Executor:
         self._workers.append(worker)
         worker.start()
 
-    def _env(self, pod: dict, container: dict) -> dict[str, str]:
-        metadata = pod["metadata"]
-        scratch = Path(tempfile.mkdtemp(prefix=f"{metadata['name']}-", dir=self.workdir))
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(scratch), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(scratch / ".cache"),
-            "JAX_PLATFORMS": "cpu",
-        }
+    def _pod_env(self, pod: dict, container: dict) -> dict[str, str]:
+        """The container's environment as the kubelet builds it: envFrom, then env (values and
+        the downward API's fieldRefs)."""
+        env: dict[str, str] = {}
         for source in container.get("env_from") or []:
             prefix = source.get("prefix") or ""
             if source.get("secret_ref"):
@@ -316,7 +315,7 @@ class Executor:
                 env[item["name"]] = item["value"]
             elif (item.get("value_from") or {}).get("field_ref"):
                 path = item["value_from"]["field_ref"]["field_path"]
-                env[item["name"]] = _field(metadata, path)
+                env[item["name"]] = _field(pod["metadata"], path)
         return env
 
     def _run(self, pod: dict) -> None:
@@ -325,24 +324,18 @@ class Executor:
         fit, step = labels.get(FIT_LABEL, ""), labels.get(STEP_LABEL, "")
         index = annotations.get(INDEX_ANNOTATION)
         container = next(c for c in pod["spec"]["containers"] if c["name"] == "runner")
-        env = self._env(pod, container)
+        env = self._pod_env(pod, container)
         hook = self.hooks.get(fit)
         overrides = hook(pod) if hook else None
         env.update(overrides or {})
-        termination = Path(env["TMPDIR"]) / "termination-log"
-        termination.write_text("")  # the runner writes it only if it exists, as /dev/termination-log
-        command = list(container["command"]) + list(container.get("args") or [])
-        assert command[0] == "consensusfit-runner", command
-        command = [self.runner, "--termination-log", str(termination), *command[1:]]
         started = now()
-        result = subprocess.run(command, env=env, cwd=env["TMPDIR"], capture_output=True, text=True)
-        message = termination.read_text()
-        if not message and result.returncode != 0:
+        scratch = Path(tempfile.mkdtemp(prefix=f"{metadata['name']}-", dir=self.workdir))
+        exit_code, message, output = self.launch(pod, container, env, scratch)
+        if not message and exit_code != 0:
             # terminationMessagePolicy: FallbackToLogsOnError: the log's tail stands in.
-            message = (result.stdout + result.stderr)[-2048:]
-        exit_code = result.returncode
+            message = output[-2048:]
         record = {"fit": fit, "step": step, "index": index, "pod": metadata["name"], "exit": exit_code,
-                  "message": message, "stderr": result.stderr[-3000:], "env": overrides or {}}
+                  "message": message, "stderr": output[-3000:], "env": overrides or {}}
         with self._lock:
             self.runs.append(record)
         terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
@@ -360,6 +353,121 @@ class Executor:
             self.errors.append(f"patching {metadata['name']}: {error!r}")
 
 
+class ProcessLaunch:
+    """The fast path: the pod's command as a local process of the test environment's runner, with
+    the pod's environment and a scratch folder for HOME, TMPDIR and the caches."""
+
+    how = "local processes"
+    values: list[str] = []  # the chart's runner image is never pulled
+
+    def __init__(self, runner: str):
+        self.runner = runner
+
+    def __call__(self, pod: dict, container: dict, env: dict[str, str], scratch: Path) -> tuple[int, str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(scratch), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(scratch / ".cache"),
+            "JAX_PLATFORMS": "cpu", **env,
+        }
+        termination = scratch / "termination-log"
+        termination.write_text("")  # the runner writes it only if it exists, as /dev/termination-log
+        command = list(container["command"]) + list(container.get("args") or [])
+        assert command[0] == "consensusfit-runner", command
+        command = [self.runner, "--termination-log", str(termination), *command[1:]]
+        result = subprocess.run(command, env=env, cwd=scratch, capture_output=True, text=True)
+        return result.returncode, termination.read_text(), result.stdout + result.stderr
+
+
+class PodmanLaunch:
+    """The image path: the pod's container run by podman as a kubelet would run it (its image,
+    command and args, environment only, securityContext, emptyDir volumes as host folders, the
+    termination message file at its terminationMessagePath), on the host's network so that it
+    reaches the loopback S3 endpoint."""
+
+    how = "containers (podman)"
+
+    def __init__(self, images_module):
+        self.images = images_module
+        # The chart's values that name the CPU runner image `make images` builds.
+        self.values = [f"runner.image.tag={images_module.cpu_tag()}"]
+
+    def __call__(self, pod: dict, container: dict, env: dict[str, str], scratch: Path) -> tuple[int, str, str]:
+        user = run_as(pod, container) or self._image_user(container["image"])
+        if non_root_required(pod, container) and user.split(":")[0] in ("", "0", "root"):
+            return 1, "", f"container's runAsUser breaks non-root policy (user {user!r})"
+        termination = scratch / "termination-log"
+        termination.write_text("")
+        termination.chmod(0o666)
+        args = podman_run_args(pod, container, env, user, scratch, termination)
+        result = subprocess.run(args, env=self.images.podman_env(), capture_output=True, text=True)
+        return result.returncode, termination.read_text(), result.stdout + result.stderr
+
+    def _image_user(self, image: str) -> str:
+        inspect = subprocess.run(["podman", "image", "inspect", "--format", "{{.Config.User}}", image],
+                                 env=self.images.podman_env(), capture_output=True, text=True)
+        return inspect.stdout.strip()
+
+
+def _security(pod: dict, container: dict) -> tuple[dict, dict]:
+    return (pod["spec"].get("security_context") or {}), (container.get("security_context") or {})
+
+
+def run_as(pod: dict, container: dict) -> str:
+    """`uid[:gid]` from runAsUser/runAsGroup, the container's over the pod's; empty: the image's."""
+    pod_context, own = _security(pod, container)
+    uid = own.get("run_as_user", pod_context.get("run_as_user"))
+    gid = own.get("run_as_group", pod_context.get("run_as_group"))
+    return "" if uid is None else f"{uid}:{gid}" if gid is not None else str(uid)
+
+
+def non_root_required(pod: dict, container: dict) -> bool:
+    pod_context, own = _security(pod, container)
+    return bool(own.get("run_as_non_root", pod_context.get("run_as_non_root")))
+
+
+def podman_run_args(pod: dict, container: dict, env: dict[str, str], user: str, scratch: Path,
+                    termination: Path) -> list[str]:
+    """`podman run` for one container: what a kubelet would give it, and no more."""
+    _, own = _security(pod, container)
+    capabilities = own.get("capabilities") or {}
+    # --passwd=false: no /etc/passwd entry for the user, which a kubelet would not add either.
+    args = ["podman", "run", "--rm", "--pull=never", "--network=host", "--passwd=false",
+            f"--name=pod-{pod['metadata']['uid']}"]
+    if user:
+        args.append(f"--user={user}")
+    if own.get("read_only_root_filesystem"):
+        args += ["--read-only", "--read-only-tmpfs=false"]
+    if own.get("allow_privilege_escalation") is False:
+        args.append("--security-opt=no-new-privileges")
+    args += [f"--cap-drop={cap}" for cap in capabilities.get("drop") or []]
+    args += [f"--cap-add={cap}" for cap in capabilities.get("add") or []]
+    args += [arg for mount in _volume_mounts(pod, container, scratch) for arg in ("-v", mount)]
+    args += ["-v", f"{termination}:{container.get('termination_message_path') or '/dev/termination-log'}"]
+    args += [arg for name, value in env.items() for arg in ("-e", f"{name}={value}")]
+    if container.get("working_dir"):
+        args.append(f"--workdir={container['working_dir']}")
+    command, rest = list(container.get("command") or []), list(container.get("args") or [])
+    if command:
+        args.append(f"--entrypoint={command[0]}")
+    return [*args, container["image"], *command[1:], *rest]
+
+
+def _volume_mounts(pod: dict, container: dict, scratch: Path) -> list[str]:
+    """Each volumeMount as `host:path[:ro]`: an emptyDir is a fresh folder the pod's user may
+    write; another volume type is not something this kubelet provides (it says so)."""
+    volumes = {volume["name"]: volume for volume in pod["spec"].get("volumes") or []}
+    mounts = []
+    for mount in container.get("volume_mounts") or []:
+        volume = volumes[mount["name"]]
+        if volume.get("empty_dir") is None:
+            raise NotImplementedError(f"volume {mount['name']}: only emptyDir volumes are run here")
+        folder = scratch / "volumes" / mount["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o777)
+        mounts.append(f"{folder}:{mount['mount_path']}" + (":ro" if mount.get("read_only") else ""))
+    return mounts
+
+
 def _field(metadata: dict, path: str) -> str:
     """The downward API's fieldRef for the few paths a Job's pod uses."""
     if path.startswith("metadata.annotations['"):
@@ -373,6 +481,40 @@ def _field(metadata: dict, path: str) -> str:
 def runner_executable() -> str:
     found = Path(sys.executable).parent / "consensusfit-runner"
     return str(found) if found.exists() else (shutil.which("consensusfit-runner") or "consensusfit-runner")
+
+
+# How the executor runs pods: `image` (the CI path, podman and `make images`) or `process` (fast,
+# the test environment's runner). Unset: image where podman and the images are there.
+PODS_VARIABLE = "CONSENSUSFIT_E2E_PODS"
+
+
+def _images_module():
+    """scripts/images.py, imported by path like scripts/cluster.py."""
+    import importlib.util
+
+    name = "consensusfit_images"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "images.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def pod_launch() -> tuple[ProcessLaunch | PodmanLaunch, str | None]:
+    """The executor's way of running pods, and why it is not the image path (None when it is).
+    Asking for `image` where podman or the images are missing is an error, not a fallback."""
+    choice = os.environ.get(PODS_VARIABLE, "")
+    if choice not in ("", "image", "process"):
+        raise ValueError(f"{PODS_VARIABLE} must be image or process, not {choice!r}")
+    if choice == "process":
+        return ProcessLaunch(runner_executable()), f"{PODS_VARIABLE}=process"
+    images = _images_module()
+    why = images.unavailable()
+    if why and choice == "image":
+        raise RuntimeError(f"{PODS_VARIABLE}=image, but {why}")
+    if why:
+        return ProcessLaunch(runner_executable()), why
+    return PodmanLaunch(images), None
 
 
 # ------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from e2e_support import (
     clusterlib,
     install,
     render_fit,
-    runner_executable,
     upgrade,
     wait_for,
 )
@@ -50,10 +49,10 @@ def _schema(crd: dict) -> list:
 
 
 def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fresh_cluster, bucket, s3_endpoint,
-                                                                           tmp_path):
+                                                                           launch, tmp_path):
     cluster, name = fresh_cluster, "upgraded"
     values = [f"watchNamespaces={{{NAMESPACE}}}", f"runner.s3.endpoint={s3_endpoint}", "runner.s3.region=us-east-1",
-              "runner.s3.credentialsSecret=s3-credentials", "operator.resyncSeconds=1"]
+              "runner.s3.credentialsSecret=s3-credentials", "operator.resyncSeconds=1", *launch.values]
     cluster.kubectl("create", "namespace", NAMESPACE)
     cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", NAMESPACE,
                     "--from-literal=AWS_ACCESS_KEY_ID=testing", "--from-literal=AWS_SECRET_ACCESS_KEY=testing")
@@ -68,7 +67,7 @@ def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fres
         (tmp_path / folder).mkdir()
     previous = install(cluster, values, chart=PREVIOUS_CHART)
     before = Operator(cluster, previous, tmp_path / "previous").start()
-    executor = Executor(cluster.kubeconfig, NAMESPACE, tmp_path / "pods", runner_executable()).start()
+    executor = Executor(cluster.kubeconfig, NAMESPACE, tmp_path / "pods", launch).start()
     try:
         executor.fits.add(name)
         cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=render_fit(name, bucket))
