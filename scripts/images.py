@@ -216,11 +216,17 @@ def cpu_tag() -> str:
     return f"{app_version()}-cpu"
 
 
+def runner_cpu_reference() -> str:
+    return f"{RUNNER}:{cpu_tag()}"
+
+
+def operator_reference() -> str:
+    return f"{OPERATOR}:{app_version()}"
+
+
 def references(cuda: bool = False) -> list[str]:
     """The names the chart and the tests use for what `build` (and `cuda`) make."""
-    version = app_version()
-    names = [f"{RUNNER}:{cpu_tag()}", f"{OPERATOR}:{version}"]
-    return names + ([f"{RUNNER}:{version}"] if cuda else [])
+    return [runner_cpu_reference(), operator_reference()] + ([f"{RUNNER}:{app_version()}"] if cuda else [])
 
 
 def build_all(cuda: bool = False) -> None:

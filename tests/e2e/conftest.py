@@ -111,8 +111,8 @@ def installation(cluster, s3_endpoint, launch) -> Installation:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster, installation, tmp_path_factory):
-    process = Operator(cluster, installation, tmp_path_factory.mktemp("operator")).start()
+def operator(cluster, installation, launch, tmp_path_factory):
+    process = Operator(cluster, installation, tmp_path_factory.mktemp("operator"), image=launch.operator_image).start()
     yield process
     process.stop()
 

@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,8 @@ NAMESPACE = "e2e"  # where the test fits live (watched by the operator)
 SCALE_FIT = "scale-2000"  # kwok completes this fit's pods as the runner would
 REBORN_FIT = "reborn"  # and this one's: a fit deleted with its Jobs orphaned, then applied again
 FIT_TEMPLATE = Path(__file__).resolve().parent / "e2e_fit.yaml"
+# Where a kubelet mounts a pod's ServiceAccount token, CA and namespace.
+SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def now() -> str:
@@ -149,16 +152,20 @@ def can_i(cluster: clusterlib.Cluster, installation: Installation, verb: str, re
 # ------------------------------------------------------------------------------------------
 
 class Operator:
-    """`python -m consensusfit.operator`, logged in with a ServiceAccount token (RBAC applies).
+    """The operator, logged in with a ServiceAccount token (RBAC applies): `python -m
+    consensusfit.operator` with a kubeconfig, or, given `image`, the operator image run by podman
+    as a kubelet would run the chart's pod (the token, ca.crt and namespace mounted at
+    SERVICE_ACCOUNT_MOUNT, KUBERNETES_SERVICE_HOST/PORT naming the API server, uid 65532 on a
+    read-only root, the host's network).
 
     Each start is a pod of its own: HOSTNAME `<name>-<start>`, the prefix of its identity in the
     Lease and in its requests' user agent (so the audit log tells replicas apart).
     """
 
     def __init__(self, cluster: clusterlib.Cluster, installation: Installation, workdir: Path,
-                 resync_seconds: float = 1.0, name: str = "operator"):
+                 resync_seconds: float = 1.0, name: str = "operator", image: str | None = None):
         self.cluster, self.installation, self.workdir = cluster, installation, Path(workdir)
-        self.resync_seconds, self.name = resync_seconds, name
+        self.resync_seconds, self.name, self.image = resync_seconds, name, image
         self.process: subprocess.Popen | None = None
         self.starts = 0
         self.kubeconfig = cluster.token_kubeconfig(
@@ -169,10 +176,8 @@ class Operator:
         self.metrics_port, self.readiness_port = clusterlib.free_port(), clusterlib.free_port()
         self.starts += 1
         self.hostname = f"{self.name}-{self.starts}"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "CONSENSUSFIT_"))},
+        pod_env = {
             **self.installation.env,
-            "KUBECONFIG": str(self.kubeconfig),
             "HOSTNAME": self.hostname,
             "CONSENSUSFIT_RESYNC_SECONDS": str(self.resync_seconds),
             "CONSENSUSFIT_METRICS_PORT": str(self.metrics_port),
@@ -181,23 +186,61 @@ class Operator:
         }
         self.log = self.workdir / f"{self.hostname}.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "consensusfit.operator"], env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            if self.image:
+                command, env = self._container(pod_env), _images_module().podman_env()
+            else:
+                command = [sys.executable, "-m", "consensusfit.operator"]
+                env = {**{k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "CONSENSUSFIT_"))},
+                       **pod_env, "KUBECONFIG": str(self.kubeconfig)}
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
         return self
+
+    def _container(self, pod_env: dict[str, str]) -> list[str]:
+        """`podman run` of the operator image as the chart's pod, its ServiceAccount's
+        credentials mounted where the kubernetes client's in-cluster configuration reads them."""
+        import yaml
+
+        mount = self.workdir / f"{self.hostname}-serviceaccount"
+        mount.mkdir()
+        token = yaml.safe_load(self.kubeconfig.read_text())["users"][0]["user"]["token"]
+        for name, text in (("token", token), ("ca.crt", Path(self.cluster.ca).read_text()),
+                           ("namespace", self.installation.namespace)):
+            (mount / name).write_text(text)
+            (mount / name).chmod(0o644)
+        host, port = self.cluster.server.removeprefix("https://").rsplit(":", 1)
+        env = {**pod_env, "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+        return ["podman", "run", "--rm", "--pull=never", "--network=host", "--passwd=false",
+                f"--name={self.container_name}", "--read-only", "--read-only-tmpfs=false", "--tmpfs=/tmp",
+                "--cap-drop=ALL", "--security-opt=no-new-privileges", "-v", f"{mount}:{SERVICE_ACCOUNT_MOUNT}:ro",
+                *(arg for name, value in env.items() for arg in ("-e", f"{name}={value}")), self.image]
+
+    @property
+    def container_name(self) -> str:
+        return f"e2e-{os.getpid()}-{self.workdir.name}-{self.hostname}"
+
+    def _signal(self, number: signal.Signals) -> None:
+        """The signal to the operator itself: to its container through podman, whose client a
+        SIGKILL would leave the container running without."""
+        if self.image:
+            subprocess.run(["podman", "kill", f"--signal={number.name}", self.container_name],
+                           env=_images_module().podman_env(), capture_output=True)
+        else:
+            self.process.send_signal(number)
 
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, as when a node dies."""
         if self.process and self.process.poll() is None:
-            self.process.kill()
+            self._signal(signal.SIGKILL)
             self.process.wait()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self._signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal(signal.SIGKILL)
                 self.process.wait()
 
     def alive(self) -> bool:
@@ -359,6 +402,7 @@ class ProcessLaunch:
 
     how = "local processes"
     values: list[str] = []  # the chart's runner image is never pulled
+    operator_image = None  # the operator runs as a local process too
 
     def __init__(self, runner: str):
         self.runner = runner
@@ -390,6 +434,10 @@ class PodmanLaunch:
         self.images = images_module
         # The chart's values that name the CPU runner image `make images` builds.
         self.values = [f"runner.image.tag={images_module.cpu_tag()}"]
+        wanted = os.environ.get(OPERATOR_VARIABLE, "process")
+        if wanted not in ("image", "process"):
+            raise ValueError(f"{OPERATOR_VARIABLE} must be image or process, not {wanted!r}")
+        self.operator_image = images_module.operator_reference() if wanted == "image" else None
 
     def __call__(self, pod: dict, container: dict, env: dict[str, str], scratch: Path) -> tuple[int, str, str]:
         user = run_as(pod, container) or self._image_user(container["image"])
@@ -486,6 +534,9 @@ def runner_executable() -> str:
 # How the executor runs pods: `image` (the CI path, podman and `make images`) or `process` (fast,
 # the test environment's runner). Unset: image where podman and the images are there.
 PODS_VARIABLE = "CONSENSUSFIT_E2E_PODS"
+# With the image path, `image` runs the operator from its image too (podman, in-cluster
+# configuration); `process`, the default, runs it as a local process.
+OPERATOR_VARIABLE = "CONSENSUSFIT_E2E_OPERATOR"
 
 
 def _images_module():
@@ -502,19 +553,15 @@ def _images_module():
 
 def pod_launch() -> tuple[ProcessLaunch | PodmanLaunch, str | None]:
     """The executor's way of running pods, and why it is not the image path (None when it is).
-    Asking for `image` where podman or the images are missing is an error, not a fallback."""
+    Asking for images (`image` in either variable) where they cannot run is an error, not a fallback."""
     choice = os.environ.get(PODS_VARIABLE, "")
     if choice not in ("", "image", "process"):
         raise ValueError(f"{PODS_VARIABLE} must be image or process, not {choice!r}")
-    if choice == "process":
-        return ProcessLaunch(runner_executable()), f"{PODS_VARIABLE}=process"
     images = _images_module()
-    why = images.unavailable()
-    if why and choice == "image":
-        raise RuntimeError(f"{PODS_VARIABLE}=image, but {why}")
-    if why:
-        return ProcessLaunch(runner_executable()), why
-    return PodmanLaunch(images), None
+    why = f"{PODS_VARIABLE}=process" if choice == "process" else images.unavailable()
+    if why and "image" in (choice, os.environ.get(OPERATOR_VARIABLE)):
+        raise RuntimeError(f"{PODS_VARIABLE}={choice} {OPERATOR_VARIABLE}={os.environ.get(OPERATOR_VARIABLE)}, but {why}")
+    return (ProcessLaunch(runner_executable()), why) if why else (PodmanLaunch(images), None)
 
 
 # ------------------------------------------------------------------------------------------

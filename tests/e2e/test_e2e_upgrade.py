@@ -66,7 +66,7 @@ def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fres
     for folder in ("previous", "upgraded", "pods"):
         (tmp_path / folder).mkdir()
     previous = install(cluster, values, chart=PREVIOUS_CHART)
-    before = Operator(cluster, previous, tmp_path / "previous").start()
+    before = Operator(cluster, previous, tmp_path / "previous", image=launch.operator_image).start()
     executor = Executor(cluster.kubeconfig, NAMESPACE, tmp_path / "pods", launch).start()
     try:
         executor.fits.add(name)
@@ -82,7 +82,7 @@ def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fres
         # A field the previous schema pruned: its Jobs stay after it succeeded, to be counted below.
         cluster.kubectl("patch", CRD, name, "-n", NAMESPACE, "--type=merge",
                         "-p", json.dumps({"spec": {"cleanupPolicy": {"onSuccess": "Keep"}}}))
-        after = Operator(cluster, upgraded, tmp_path / "upgraded").start()
+        after = Operator(cluster, upgraded, tmp_path / "upgraded", image=launch.operator_image).start()
         try:
             done = wait_for(lambda: fit() if fit().get("status", {}).get("phase") in ("Succeeded", "Failed") else None,
                             600, "the fit to finish after the upgrade")

@@ -48,7 +48,7 @@ def runner_image() -> str:
     why = images.unavailable()
     if why:
         pytest.skip(f"runner image tests skipped: {why}")
-    return images.references()[0]
+    return images.runner_cpu_reference()
 
 
 def writable_folder(path: Path) -> Path:
