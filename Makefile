@@ -30,8 +30,9 @@ cluster-tools: tools
 
 # The container images (scripts/images.py): a base made from Debian packages (mmdebstrap), then the
 # CPU runner and the operator from their Dockerfiles, each skipped when the image tagged with the
-# hash of its sources exists. As root with apt-get it installs podman and mmdebstrap first; without
-# them it says so and the image tests skip. `images-cuda` adds the CUDA runner (about 3 GB).
+# hash of its sources exists. As root with apt-get it installs podman, runc and mmdebstrap first;
+# without them it says so and the image tests skip. `images-cuda` adds the CUDA runner (gigabytes
+# of CUDA wheels; not part of `make test`).
 .PHONY: images images-cuda
 images:
 	$(PYTHON) scripts/images.py build

@@ -2,7 +2,7 @@
 """Build the project's container images with podman, without a container registry.
 
     scripts/images.py build     base, CPU runner and operator images (skipped when up to date)
-    scripts/images.py cuda      the CUDA runner too (downloads the CUDA wheels, about 3 GB)
+    scripts/images.py cuda      the CUDA runner too (GBs of CUDA wheels; not part of make test)
     scripts/images.py list      the image references `build` gives, one a line
     scripts/images.py check     exit 0 if podman runs here and the images exist, else say why
 
