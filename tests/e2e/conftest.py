@@ -80,8 +80,9 @@ def bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def launch():
-    """How the executor runs runner pods: in the images (podman) unless they cannot run here or
-    CONSENSUSFIT_E2E_PODS=process asks for local processes; the warning summary says which."""
+    """How the executor runs runner pods, and the operator fixtures the operator: in the images
+    (podman) unless they cannot run here or CONSENSUSFIT_E2E_PODS=process asks for local
+    processes (CONSENSUSFIT_E2E_OPERATOR=process: the operator only); the warning summary says so."""
     chosen, why = pod_launch()
     if why:
         warnings.warn(f"end-to-end runner pods run as local processes, not in the runner image: {why}")

@@ -434,7 +434,7 @@ class PodmanLaunch:
         self.images = images_module
         # The chart's values that name the CPU runner image `make images` builds.
         self.values = [f"runner.image.tag={images_module.cpu_tag()}"]
-        wanted = os.environ.get(OPERATOR_VARIABLE, "process")
+        wanted = os.environ.get(OPERATOR_VARIABLE, "image")
         if wanted not in ("image", "process"):
             raise ValueError(f"{OPERATOR_VARIABLE} must be image or process, not {wanted!r}")
         self.operator_image = images_module.operator_reference() if wanted == "image" else None
@@ -534,8 +534,8 @@ def runner_executable() -> str:
 # How the executor runs pods: `image` (the CI path, podman and `make images`) or `process` (fast,
 # the test environment's runner). Unset: image where podman and the images are there.
 PODS_VARIABLE = "CONSENSUSFIT_E2E_PODS"
-# With the image path, `image` runs the operator from its image too (podman, in-cluster
-# configuration); `process`, the default, runs it as a local process.
+# With the image path, `image` (the default) runs the operator from its image too (podman,
+# in-cluster configuration); `process` runs it as a local process.
 OPERATOR_VARIABLE = "CONSENSUSFIT_E2E_OPERATOR"
 
 
