@@ -28,5 +28,17 @@ cluster-tools: tools
 	@if command -v go >/dev/null 2>&1; then $(PYTHON) scripts/cluster.py build; \
 	else echo "go not found: the end-to-end tests (tests/e2e) will be skipped"; fi
 
-test: $(STAMP) tools cluster-tools
+# The container images (scripts/images.py): a base made from Debian packages (mmdebstrap), then the
+# CPU runner and the operator from their Dockerfiles, each skipped when the image tagged with the
+# hash of its sources exists. As root with apt-get it installs podman, runc and mmdebstrap first;
+# without them it says so and the image tests skip. `images-cuda` adds the CUDA runner (gigabytes
+# of CUDA wheels; not part of `make test`).
+.PHONY: images images-cuda
+images:
+	$(PYTHON) scripts/images.py build
+
+images-cuda:
+	$(PYTHON) scripts/images.py cuda
+
+test: $(STAMP) tools cluster-tools images
 	$(BIN)/python -m pytest -q

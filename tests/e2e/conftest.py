@@ -1,6 +1,7 @@
 """Fixtures of the end-to-end tests: one real control plane per session (scripts/cluster.py), the
 Helm chart installed into it, the operator running as the chart's ServiceAccount, and the executor
-that runs runner pods as local processes against the loopback S3 endpoint (tests/conftest.py).
+that runs runner pods in the runner image (or as local processes, see `launch`) against the
+loopback S3 endpoint (tests/conftest.py).
 
 Where the Go toolchain is missing (and the binaries are not cached), every test here is skipped
 with a message saying so.
@@ -9,6 +10,7 @@ with a message saying so.
 from __future__ import annotations
 
 import uuid
+import warnings
 from pathlib import Path
 
 import boto3
@@ -26,7 +28,7 @@ from e2e_support import (
     can_i,
     clusterlib,
     install,
-    runner_executable,
+    pod_launch,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -77,7 +79,18 @@ def bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def installation(cluster, s3_endpoint) -> Installation:
+def launch():
+    """How the executor runs runner pods, and the operator fixtures the operator: in the images
+    (podman) unless they cannot run here or CONSENSUSFIT_E2E_PODS=process asks for local
+    processes (CONSENSUSFIT_E2E_OPERATOR=process: the operator only); the warning summary says so."""
+    chosen, why = pod_launch()
+    if why:
+        warnings.warn(f"end-to-end runner pods run as local processes, not in the runner image: {why}")
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def installation(cluster, s3_endpoint, launch) -> Installation:
     """The chart, installed with helm as a user would, watching the fits' namespace, where the API
     server admits pods under the restricted Pod Security Standard only."""
     cluster.kubectl("create", "namespace", NAMESPACE)
@@ -91,6 +104,7 @@ def installation(cluster, s3_endpoint) -> Installation:
         "runner.s3.credentialsSecret=s3-credentials",
         "operator.resyncSeconds=1",
         f"operator.blockedGraceSeconds={BLOCKED_GRACE_SECONDS}",
+        *launch.values,
     ])
     installed.can_update_finalizers = can_i(
         cluster, installed, "update", "consensusfits.consensusfit.dev", NAMESPACE, "finalizers")
@@ -98,15 +112,15 @@ def installation(cluster, s3_endpoint) -> Installation:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster, installation, tmp_path_factory):
-    process = Operator(cluster, installation, tmp_path_factory.mktemp("operator")).start()
+def operator(cluster, installation, launch, tmp_path_factory):
+    process = Operator(cluster, installation, tmp_path_factory.mktemp("operator"), image=launch.operator_image).start()
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="session")
-def executor(cluster, operator, tmp_path_factory):
-    runner = Executor(cluster.kubeconfig, NAMESPACE, tmp_path_factory.mktemp("pods"), runner_executable()).start()
+def executor(cluster, operator, launch, tmp_path_factory):
+    runner = Executor(cluster.kubeconfig, NAMESPACE, tmp_path_factory.mktemp("pods"), launch).start()
     yield runner
     runner.stop()
 

@@ -1,11 +1,13 @@
 """Helpers of the end-to-end tests: install the chart, run the operator as its ServiceAccount, and
 play the kubelet for runner pods (the executor).
 
-The control plane itself is `scripts/cluster.py`. There is no kubelet and no container runtime:
-kwok marks pods bound to its fake GPU nodes Running, and `Executor` runs each such pod's container
-command and environment as a local process (the runner installed in the test environment, talking
-to the S3 endpoint on loopback), then writes the pod's phase, exit code and termination message
-to the API server as a kubelet would (pods/status).
+The control plane itself is `scripts/cluster.py`. There is no kubelet: kwok marks pods bound to
+its fake GPU nodes Running, and `Executor` runs each such pod's container, then writes the pod's
+phase, exit code and termination message to the API server as a kubelet would (pods/status). It
+runs the container in its image with podman (`PodmanLaunch`, what CI runs: the images `make images`
+builds, the pod's security context and volumes, the host's network to reach the S3 endpoint on
+loopback), or as a local process of the test environment's runner (`ProcessLaunch`, the fast path:
+CONSENSUSFIT_E2E_PODS=process, or a machine without podman).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +55,8 @@ NAMESPACE = "e2e"  # where the test fits live (watched by the operator)
 SCALE_FIT = "scale-2000"  # kwok completes this fit's pods as the runner would
 REBORN_FIT = "reborn"  # and this one's: a fit deleted with its Jobs orphaned, then applied again
 FIT_TEMPLATE = Path(__file__).resolve().parent / "e2e_fit.yaml"
+# Where a kubelet mounts a pod's ServiceAccount token, CA and namespace.
+SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def now() -> str:
@@ -147,16 +152,20 @@ def can_i(cluster: clusterlib.Cluster, installation: Installation, verb: str, re
 # ------------------------------------------------------------------------------------------
 
 class Operator:
-    """`python -m consensusfit.operator`, logged in with a ServiceAccount token (RBAC applies).
+    """The operator, logged in with a ServiceAccount token (RBAC applies): `python -m
+    consensusfit.operator` with a kubeconfig, or, given `image`, the operator image run by podman
+    as a kubelet would run the chart's pod (the token, ca.crt and namespace mounted at
+    SERVICE_ACCOUNT_MOUNT, KUBERNETES_SERVICE_HOST/PORT naming the API server, uid 65532 on a
+    read-only root, the host's network).
 
     Each start is a pod of its own: HOSTNAME `<name>-<start>`, the prefix of its identity in the
     Lease and in its requests' user agent (so the audit log tells replicas apart).
     """
 
     def __init__(self, cluster: clusterlib.Cluster, installation: Installation, workdir: Path,
-                 resync_seconds: float = 1.0, name: str = "operator"):
+                 resync_seconds: float = 1.0, name: str = "operator", image: str | None = None):
         self.cluster, self.installation, self.workdir = cluster, installation, Path(workdir)
-        self.resync_seconds, self.name = resync_seconds, name
+        self.resync_seconds, self.name, self.image = resync_seconds, name, image
         self.process: subprocess.Popen | None = None
         self.starts = 0
         self.kubeconfig = cluster.token_kubeconfig(
@@ -167,10 +176,8 @@ class Operator:
         self.metrics_port, self.readiness_port = clusterlib.free_port(), clusterlib.free_port()
         self.starts += 1
         self.hostname = f"{self.name}-{self.starts}"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "CONSENSUSFIT_"))},
+        pod_env = {
             **self.installation.env,
-            "KUBECONFIG": str(self.kubeconfig),
             "HOSTNAME": self.hostname,
             "CONSENSUSFIT_RESYNC_SECONDS": str(self.resync_seconds),
             "CONSENSUSFIT_METRICS_PORT": str(self.metrics_port),
@@ -179,23 +186,61 @@ class Operator:
         }
         self.log = self.workdir / f"{self.hostname}.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "consensusfit.operator"], env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            if self.image:
+                command, env = self._container(pod_env), _images_module().podman_env()
+            else:
+                command = [sys.executable, "-m", "consensusfit.operator"]
+                env = {**{k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "CONSENSUSFIT_"))},
+                       **pod_env, "KUBECONFIG": str(self.kubeconfig)}
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
         return self
+
+    def _container(self, pod_env: dict[str, str]) -> list[str]:
+        """`podman run` of the operator image as the chart's pod, its ServiceAccount's
+        credentials mounted where the kubernetes client's in-cluster configuration reads them."""
+        import yaml
+
+        mount = self.workdir / f"{self.hostname}-serviceaccount"
+        mount.mkdir()
+        token = yaml.safe_load(self.kubeconfig.read_text())["users"][0]["user"]["token"]
+        for name, text in (("token", token), ("ca.crt", Path(self.cluster.ca).read_text()),
+                           ("namespace", self.installation.namespace)):
+            (mount / name).write_text(text)
+            (mount / name).chmod(0o644)
+        host, port = self.cluster.server.removeprefix("https://").rsplit(":", 1)
+        env = {**pod_env, "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+        return ["podman", "run", "--rm", "--pull=never", "--network=host", "--passwd=false",
+                f"--name={self.container_name}", "--read-only", "--read-only-tmpfs=false", "--tmpfs=/tmp",
+                "--cap-drop=ALL", "--security-opt=no-new-privileges", "-v", f"{mount}:{SERVICE_ACCOUNT_MOUNT}:ro",
+                *(arg for name, value in env.items() for arg in ("-e", f"{name}={value}")), self.image]
+
+    @property
+    def container_name(self) -> str:
+        return f"e2e-{os.getpid()}-{self.workdir.name}-{self.hostname}"
+
+    def _signal(self, number: signal.Signals) -> None:
+        """The signal to the operator itself: to its container through podman, whose client a
+        SIGKILL would leave the container running without."""
+        if self.image:
+            subprocess.run(["podman", "kill", f"--signal={number.name}", self.container_name],
+                           env=_images_module().podman_env(), capture_output=True)
+        else:
+            self.process.send_signal(number)
 
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, as when a node dies."""
         if self.process and self.process.poll() is None:
-            self.process.kill()
+            self._signal(signal.SIGKILL)
             self.process.wait()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self._signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal(signal.SIGKILL)
                 self.process.wait()
 
     def alive(self) -> bool:
@@ -240,17 +285,18 @@ class Operator:
 # ------------------------------------------------------------------------------------------
 
 class Executor:
-    """Runs every Running pod of the fits in `fits` once, as a local process.
+    """Runs every Running pod of the fits in `fits` once, with `launch` (a ProcessLaunch or a
+    PodmanLaunch), and reports its end to the API server as a kubelet would.
 
     `hooks[fit](pod) -> dict | None` may return environment overrides for one run (to make a pod
     fail as the runner would) and may do other things first (corrupt a shard's data).
     """
 
-    def __init__(self, kubeconfig: Path, namespace: str, workdir: Path, runner: str):
+    def __init__(self, kubeconfig: Path, namespace: str, workdir: Path, launch: ProcessLaunch | PodmanLaunch):
         from kubernetes import client, config
 
         self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
-        self.namespace, self.workdir, self.runner = namespace, Path(workdir), runner
+        self.namespace, self.workdir, self.launch = namespace, Path(workdir), launch
         self.fits: set[str] = set()
         self.hooks: dict[str, Callable[[dict], dict | None]] = {}
         self.runs: list[dict] = []  # one entry per pod run: fit, step, index, exit code, message
@@ -295,14 +341,10 @@ class Executor:
         self._workers.append(worker)
         worker.start()
 
-    def _env(self, pod: dict, container: dict) -> dict[str, str]:
-        metadata = pod["metadata"]
-        scratch = Path(tempfile.mkdtemp(prefix=f"{metadata['name']}-", dir=self.workdir))
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(scratch), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(scratch / ".cache"),
-            "JAX_PLATFORMS": "cpu",
-        }
+    def _pod_env(self, pod: dict, container: dict) -> dict[str, str]:
+        """The container's environment as the kubelet builds it: envFrom, then env (values and
+        the downward API's fieldRefs)."""
+        env: dict[str, str] = {}
         for source in container.get("env_from") or []:
             prefix = source.get("prefix") or ""
             if source.get("secret_ref"):
@@ -316,7 +358,7 @@ class Executor:
                 env[item["name"]] = item["value"]
             elif (item.get("value_from") or {}).get("field_ref"):
                 path = item["value_from"]["field_ref"]["field_path"]
-                env[item["name"]] = _field(metadata, path)
+                env[item["name"]] = _field(pod["metadata"], path)
         return env
 
     def _run(self, pod: dict) -> None:
@@ -325,24 +367,18 @@ class Executor:
         fit, step = labels.get(FIT_LABEL, ""), labels.get(STEP_LABEL, "")
         index = annotations.get(INDEX_ANNOTATION)
         container = next(c for c in pod["spec"]["containers"] if c["name"] == "runner")
-        env = self._env(pod, container)
+        env = self._pod_env(pod, container)
         hook = self.hooks.get(fit)
         overrides = hook(pod) if hook else None
         env.update(overrides or {})
-        termination = Path(env["TMPDIR"]) / "termination-log"
-        termination.write_text("")  # the runner writes it only if it exists, as /dev/termination-log
-        command = list(container["command"]) + list(container.get("args") or [])
-        assert command[0] == "consensusfit-runner", command
-        command = [self.runner, "--termination-log", str(termination), *command[1:]]
         started = now()
-        result = subprocess.run(command, env=env, cwd=env["TMPDIR"], capture_output=True, text=True)
-        message = termination.read_text()
-        if not message and result.returncode != 0:
+        scratch = Path(tempfile.mkdtemp(prefix=f"{metadata['name']}-", dir=self.workdir))
+        exit_code, message, output = self.launch(pod, container, env, scratch)
+        if not message and exit_code != 0:
             # terminationMessagePolicy: FallbackToLogsOnError: the log's tail stands in.
-            message = (result.stdout + result.stderr)[-2048:]
-        exit_code = result.returncode
+            message = output[-2048:]
         record = {"fit": fit, "step": step, "index": index, "pod": metadata["name"], "exit": exit_code,
-                  "message": message, "stderr": result.stderr[-3000:], "env": overrides or {}}
+                  "message": message, "stderr": output[-3000:], "env": overrides or {}}
         with self._lock:
             self.runs.append(record)
         terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
@@ -360,6 +396,126 @@ class Executor:
             self.errors.append(f"patching {metadata['name']}: {error!r}")
 
 
+class ProcessLaunch:
+    """The fast path: the pod's command as a local process of the test environment's runner, with
+    the pod's environment and a scratch folder for HOME, TMPDIR and the caches."""
+
+    how = "local processes"
+    values: list[str] = []  # the chart's runner image is never pulled
+    operator_image = None  # the operator runs as a local process too
+
+    def __init__(self, runner: str):
+        self.runner = runner
+
+    def __call__(self, pod: dict, container: dict, env: dict[str, str], scratch: Path) -> tuple[int, str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(scratch), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(scratch / ".cache"),
+            "JAX_PLATFORMS": "cpu", **env,
+        }
+        termination = scratch / "termination-log"
+        termination.write_text("")  # the runner writes it only if it exists, as /dev/termination-log
+        command = list(container["command"]) + list(container.get("args") or [])
+        assert command[0] == "consensusfit-runner", command
+        command = [self.runner, "--termination-log", str(termination), *command[1:]]
+        result = subprocess.run(command, env=env, cwd=scratch, capture_output=True, text=True)
+        return result.returncode, termination.read_text(), result.stdout + result.stderr
+
+
+class PodmanLaunch:
+    """The image path: the pod's container run by podman as a kubelet would run it (its image,
+    command and args, environment only, securityContext, emptyDir volumes as host folders, the
+    termination message file at its terminationMessagePath), on the host's network so that it
+    reaches the loopback S3 endpoint."""
+
+    how = "containers (podman)"
+
+    def __init__(self, images_module):
+        self.images = images_module
+        # The chart's values that name the CPU runner image `make images` builds.
+        self.values = [f"runner.image.tag={images_module.cpu_tag()}"]
+        wanted = os.environ.get(OPERATOR_VARIABLE, "image")
+        if wanted not in ("image", "process"):
+            raise ValueError(f"{OPERATOR_VARIABLE} must be image or process, not {wanted!r}")
+        self.operator_image = images_module.operator_reference() if wanted == "image" else None
+
+    def __call__(self, pod: dict, container: dict, env: dict[str, str], scratch: Path) -> tuple[int, str, str]:
+        user = run_as(pod, container) or self._image_user(container["image"])
+        if non_root_required(pod, container) and user.split(":")[0] in ("", "0", "root"):
+            return 1, "", f"container's runAsUser breaks non-root policy (user {user!r})"
+        termination = scratch / "termination-log"
+        termination.write_text("")
+        termination.chmod(0o666)
+        args = podman_run_args(pod, container, env, user, scratch, termination)
+        result = subprocess.run(args, env=self.images.podman_env(), capture_output=True, text=True)
+        return result.returncode, termination.read_text(), result.stdout + result.stderr
+
+    def _image_user(self, image: str) -> str:
+        inspect = subprocess.run(["podman", "image", "inspect", "--format", "{{.Config.User}}", image],
+                                 env=self.images.podman_env(), capture_output=True, text=True)
+        return inspect.stdout.strip()
+
+
+def _security(pod: dict, container: dict) -> tuple[dict, dict]:
+    return (pod["spec"].get("security_context") or {}), (container.get("security_context") or {})
+
+
+def run_as(pod: dict, container: dict) -> str:
+    """`uid[:gid]` from runAsUser/runAsGroup, the container's over the pod's; empty: the image's."""
+    pod_context, own = _security(pod, container)
+    uid = own.get("run_as_user", pod_context.get("run_as_user"))
+    gid = own.get("run_as_group", pod_context.get("run_as_group"))
+    return "" if uid is None else f"{uid}:{gid}" if gid is not None else str(uid)
+
+
+def non_root_required(pod: dict, container: dict) -> bool:
+    pod_context, own = _security(pod, container)
+    return bool(own.get("run_as_non_root", pod_context.get("run_as_non_root")))
+
+
+def podman_run_args(pod: dict, container: dict, env: dict[str, str], user: str, scratch: Path,
+                    termination: Path) -> list[str]:
+    """`podman run` for one container: what a kubelet would give it, and no more."""
+    _, own = _security(pod, container)
+    capabilities = own.get("capabilities") or {}
+    # --passwd=false: no /etc/passwd entry for the user, which a kubelet would not add either.
+    args = ["podman", "run", "--rm", "--pull=never", "--network=host", "--passwd=false",
+            f"--name=pod-{pod['metadata']['uid']}"]
+    if user:
+        args.append(f"--user={user}")
+    if own.get("read_only_root_filesystem"):
+        args += ["--read-only", "--read-only-tmpfs=false"]
+    if own.get("allow_privilege_escalation") is False:
+        args.append("--security-opt=no-new-privileges")
+    args += [f"--cap-drop={cap}" for cap in capabilities.get("drop") or []]
+    args += [f"--cap-add={cap}" for cap in capabilities.get("add") or []]
+    args += [arg for mount in _volume_mounts(pod, container, scratch) for arg in ("-v", mount)]
+    args += ["-v", f"{termination}:{container.get('termination_message_path') or '/dev/termination-log'}"]
+    args += [arg for name, value in env.items() for arg in ("-e", f"{name}={value}")]
+    if container.get("working_dir"):
+        args.append(f"--workdir={container['working_dir']}")
+    command, rest = list(container.get("command") or []), list(container.get("args") or [])
+    if command:
+        args.append(f"--entrypoint={command[0]}")
+    return [*args, container["image"], *command[1:], *rest]
+
+
+def _volume_mounts(pod: dict, container: dict, scratch: Path) -> list[str]:
+    """Each volumeMount as `host:path[:ro]`: an emptyDir is a fresh folder the pod's user may
+    write; another volume type is not something this kubelet provides (it says so)."""
+    volumes = {volume["name"]: volume for volume in pod["spec"].get("volumes") or []}
+    mounts = []
+    for mount in container.get("volume_mounts") or []:
+        volume = volumes[mount["name"]]
+        if volume.get("empty_dir") is None:
+            raise NotImplementedError(f"volume {mount['name']}: only emptyDir volumes are run here")
+        folder = scratch / "volumes" / mount["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o777)
+        mounts.append(f"{folder}:{mount['mount_path']}" + (":ro" if mount.get("read_only") else ""))
+    return mounts
+
+
 def _field(metadata: dict, path: str) -> str:
     """The downward API's fieldRef for the few paths a Job's pod uses."""
     if path.startswith("metadata.annotations['"):
@@ -373,6 +529,39 @@ def _field(metadata: dict, path: str) -> str:
 def runner_executable() -> str:
     found = Path(sys.executable).parent / "consensusfit-runner"
     return str(found) if found.exists() else (shutil.which("consensusfit-runner") or "consensusfit-runner")
+
+
+# How the executor runs pods: `image` (the CI path, podman and `make images`) or `process` (fast,
+# the test environment's runner). Unset: image where podman and the images are there.
+PODS_VARIABLE = "CONSENSUSFIT_E2E_PODS"
+# With the image path, `image` (the default) runs the operator from its image too (podman,
+# in-cluster configuration); `process` runs it as a local process.
+OPERATOR_VARIABLE = "CONSENSUSFIT_E2E_OPERATOR"
+
+
+def _images_module():
+    """scripts/images.py, imported by path like scripts/cluster.py."""
+    import importlib.util
+
+    name = "consensusfit_images"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "images.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def pod_launch() -> tuple[ProcessLaunch | PodmanLaunch, str | None]:
+    """The executor's way of running pods, and why it is not the image path (None when it is).
+    Asking for images (`image` in either variable) where they cannot run is an error, not a fallback."""
+    choice = os.environ.get(PODS_VARIABLE, "")
+    if choice not in ("", "image", "process"):
+        raise ValueError(f"{PODS_VARIABLE} must be image or process, not {choice!r}")
+    images = _images_module()
+    why = f"{PODS_VARIABLE}=process" if choice == "process" else images.unavailable()
+    if why and "image" in (choice, os.environ.get(OPERATOR_VARIABLE)):
+        raise RuntimeError(f"{PODS_VARIABLE}={choice} {OPERATOR_VARIABLE}={os.environ.get(OPERATOR_VARIABLE)}, but {why}")
+    return (ProcessLaunch(runner_executable()), why) if why else (PodmanLaunch(images), None)
 
 
 # ------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_the_follower_takes_over_when_the_leader_dies_mid_fit_and_no_job_is_crea
 
     # The session's operator leads (alone, it takes the Lease within a lease duration at most).
     wait_for(lambda: operator.holds(holder()), 120, "the session operator to hold the Lease")
-    follower = Operator(cluster, installation, tmp_path, name="follower").start()
+    follower = Operator(cluster, installation, tmp_path, name="follower", image=operator.image).start()
     try:
         wait_for(lambda: follower.ready() and operator.ready(), 120, "both replicas to be ready")
         assert operator.metric("consensusfit_operator_leader") == 1

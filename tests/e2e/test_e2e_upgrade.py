@@ -26,7 +26,6 @@ from e2e_support import (
     clusterlib,
     install,
     render_fit,
-    runner_executable,
     upgrade,
     wait_for,
 )
@@ -50,10 +49,10 @@ def _schema(crd: dict) -> list:
 
 
 def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fresh_cluster, bucket, s3_endpoint,
-                                                                           tmp_path):
+                                                                           launch, tmp_path):
     cluster, name = fresh_cluster, "upgraded"
     values = [f"watchNamespaces={{{NAMESPACE}}}", f"runner.s3.endpoint={s3_endpoint}", "runner.s3.region=us-east-1",
-              "runner.s3.credentialsSecret=s3-credentials", "operator.resyncSeconds=1"]
+              "runner.s3.credentialsSecret=s3-credentials", "operator.resyncSeconds=1", *launch.values]
     cluster.kubectl("create", "namespace", NAMESPACE)
     cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", NAMESPACE,
                     "--from-literal=AWS_ACCESS_KEY_ID=testing", "--from-literal=AWS_SECRET_ACCESS_KEY=testing")
@@ -67,8 +66,8 @@ def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fres
     for folder in ("previous", "upgraded", "pods"):
         (tmp_path / folder).mkdir()
     previous = install(cluster, values, chart=PREVIOUS_CHART)
-    before = Operator(cluster, previous, tmp_path / "previous").start()
-    executor = Executor(cluster.kubeconfig, NAMESPACE, tmp_path / "pods", runner_executable()).start()
+    before = Operator(cluster, previous, tmp_path / "previous", image=launch.operator_image).start()
+    executor = Executor(cluster.kubeconfig, NAMESPACE, tmp_path / "pods", launch).start()
     try:
         executor.fits.add(name)
         cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=render_fit(name, bucket))
@@ -83,7 +82,7 @@ def test_a_fit_created_under_the_previous_chart_finishes_after_helm_upgrade(fres
         # A field the previous schema pruned: its Jobs stay after it succeeded, to be counted below.
         cluster.kubectl("patch", CRD, name, "-n", NAMESPACE, "--type=merge",
                         "-p", json.dumps({"spec": {"cleanupPolicy": {"onSuccess": "Keep"}}}))
-        after = Operator(cluster, upgraded, tmp_path / "upgraded").start()
+        after = Operator(cluster, upgraded, tmp_path / "upgraded", image=launch.operator_image).start()
         try:
             done = wait_for(lambda: fit() if fit().get("status", {}).get("phase") in ("Succeeded", "Failed") else None,
                             600, "the fit to finish after the upgrade")
