@@ -89,6 +89,8 @@ def register(
                 fits[key] = stored
         kube.post_events(fit, result.events)
         metrics.record(namespace, name, result, own.jobs, list(own.pods))
+        if key not in fits:  # deleted while this pass ran: its `forget` may have come before this record
+            metrics.forget(namespace, name)
 
     def reconcile_all(jobs: kopf.Index, pods: kopf.Index) -> None:
         known = list(fits.values())

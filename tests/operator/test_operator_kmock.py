@@ -455,7 +455,10 @@ async def test_a_replica_that_loses_the_lease_stops_writing_and_drops_its_fits_s
     async with fit_posted(kmock, make_fit()) as (url, cluster):
         async with operator(url, metrics, Replica(elector)):
             await cluster.phase("Partitioning")
-            assert 'consensusfit_fits{namespace="default",phase="Partitioning"} 1.0' in exported()
+
+            async def recorded():  # the pass records its metrics after it writes the status
+                return 'consensusfit_fits{namespace="default",phase="Partitioning"} 1.0' in exported()
+            await cluster.wait(recorded)
             assert "consensusfit_operator_leader 1.0" in exported()
             elector.holds = False
 
