@@ -29,20 +29,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_harness():
-    """scripts/cluster.py, imported by path (scripts/ is not a package)."""
+def load_script(filename: str):
+    """A module of scripts/ (not a package), imported by path once: scripts/cluster.py, scripts/images.py."""
     import importlib.util
 
-    name = "consensusfit_cluster_harness"
+    name = f"consensusfit_script_{Path(filename).stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "cluster.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / filename)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
-clusterlib = _load_harness()
+clusterlib = load_script("cluster.py")
 
 CHART = ROOT / "charts" / "consensusfit"
 FIT_LABEL = clusterlib.FIT_LABEL
@@ -187,7 +187,7 @@ class Operator:
         self.log = self.workdir / f"{self.hostname}.log"
         with open(self.log, "wb") as log:
             if self.image:
-                command, env = self._container(pod_env), _images_module().podman_env()
+                command, env = self._container(pod_env), load_script("images.py").podman_env()
             else:
                 command = [sys.executable, "-m", "consensusfit.operator"]
                 env = {**{k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "CONSENSUSFIT_"))},
@@ -224,7 +224,7 @@ class Operator:
         SIGKILL would leave the container running without."""
         if self.image:
             subprocess.run(["podman", "kill", f"--signal={number.name}", self.container_name],
-                           env=_images_module().podman_env(), capture_output=True)
+                           env=load_script("images.py").podman_env(), capture_output=True)
         else:
             self.process.send_signal(number)
 
@@ -539,25 +539,13 @@ PODS_VARIABLE = "CONSENSUSFIT_E2E_PODS"
 OPERATOR_VARIABLE = "CONSENSUSFIT_E2E_OPERATOR"
 
 
-def _images_module():
-    """scripts/images.py, imported by path like scripts/cluster.py."""
-    import importlib.util
-
-    name = "consensusfit_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "images.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 def pod_launch() -> tuple[ProcessLaunch | PodmanLaunch, str | None]:
     """The executor's way of running pods, and why it is not the image path (None when it is).
     Asking for images (`image` in either variable) where they cannot run is an error, not a fallback."""
     choice = os.environ.get(PODS_VARIABLE, "")
     if choice not in ("", "image", "process"):
         raise ValueError(f"{PODS_VARIABLE} must be image or process, not {choice!r}")
-    images = _images_module()
+    images = load_script("images.py")
     why = f"{PODS_VARIABLE}=process" if choice == "process" else images.unavailable()
     if why and "image" in (choice, os.environ.get(OPERATOR_VARIABLE)):
         raise RuntimeError(f"{PODS_VARIABLE}={choice} {OPERATOR_VARIABLE}={os.environ.get(OPERATOR_VARIABLE)}, but {why}")

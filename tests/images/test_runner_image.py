@@ -13,7 +13,6 @@ skipped with the reason.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,22 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from e2e_support import load_script  # noqa: E402
+
 UID = 65532  # the Dockerfile's USER and the operator's runAsUser
 UNWRITABLE_HOME = "/nonexistent"  # on the read-only root: nothing can be created there
-
-
-def _images():
-    """scripts/images.py, imported by path (scripts/ is not a package)."""
-    name = "consensusfit_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "images.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-images = _images()
+images = load_script("images.py")
 
 
 @pytest.fixture(scope="module")
